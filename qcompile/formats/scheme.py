@@ -1,0 +1,178 @@
+"""The Scheme base class, the scheme registry and the PackedWeight interface.
+
+A scheme is a frozen dataclass naming one quantization format and its settings
+(``NF4(blocksize=64, double_quant=True)``). Each format lives in its own file,
+subclasses :class:`Scheme`, and registers itself with :func:`register_scheme`
+under its config-file name; that registry is the only place a config ``"type"``
+is turned into a class, so adding a format is adding one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from qcompile.dtypes import dtype_name, parse_dtype
+
+_SCHEMES: dict[str, type[Scheme]] = {}
+
+
+def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+    """Class decorator: make ``cls`` loadable from configs under ``cls.kind``."""
+    if cls.kind in _SCHEMES and _SCHEMES[cls.kind] is not cls:
+        raise ValueError(f"scheme kind {cls.kind!r} is registered twice")
+    _SCHEMES[cls.kind] = cls
+    return cls
+
+
+def scheme_kinds() -> tuple[str, ...]:
+    """The config names of all registered schemes."""
+    _import_formats()
+    return tuple(sorted(_SCHEMES))
+
+
+def scheme_class(kind: str, key: str = "type") -> type[Scheme]:
+    """The scheme class registered under ``kind``; ValueError naming ``key`` if there is none."""
+    _import_formats()
+    if not isinstance(kind, str) or kind not in _SCHEMES:
+        raise ValueError(f"{key}: unknown quantization type {kind!r}; allowed: {', '.join(sorted(_SCHEMES))}")
+    return _SCHEMES[kind]
+
+
+def scheme_from_dict(data: Mapping[str, Any], key: str = "scheme") -> Scheme:
+    """Build a scheme from ``{"type": "nf4", ...settings}``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{key}: expected an object with a 'type' key, got {type(data).__name__} {data!r}")
+    if "type" not in data:
+        raise ValueError(f"{key}.type: missing; allowed: {', '.join(scheme_kinds())}")
+    cls = scheme_class(data["type"], key=f"{key}.type")
+    settings = {k: v for k, v in data.items() if k != "type"}
+    return cls.from_settings(settings, key=key)
+
+
+def _import_formats() -> None:
+    # The format modules register themselves on import; importing the package
+    # here (not at qcompile import time) keeps `import qcompile` cheap.
+    import qcompile.formats  # noqa: F401
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """Base of all quantization schemes. Subclasses are frozen dataclasses."""
+
+    kind: ClassVar[str] = ""
+    # Fields holding a torch.dtype; they are written to configs by name.
+    dtype_fields: ClassVar[Mapping[str, tuple[torch.dtype, ...]]] = {}
+
+    # ---- config round trip -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"type": kind, **settings}`` with dtypes as names; ``scheme_from_dict`` inverts it."""
+        out: dict[str, Any] = {"type": self.kind}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = dtype_name(value) if isinstance(value, torch.dtype) else value
+        return out
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], key: str = "scheme") -> Scheme:
+        """Build from a settings mapping (no ``type``), rejecting unknown keys by name."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in settings:
+            if name not in names:
+                allowed = ", ".join(sorted(names)) or "(none)"
+                raise ValueError(f"{key}.{name}: unknown setting for {cls.kind!r}; allowed: {allowed}")
+        kwargs = dict(settings)
+        for name, allowed in cls.dtype_fields.items():
+            if name in kwargs and kwargs[name] is not None:
+                kwargs[name] = parse_dtype(kwargs[name], f"{key}.{name}", allowed)
+        return cls(**kwargs)
+
+    # ---- what a format provides -------------------------------------------
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        """The ``torch.ops.qcompile.*`` op a linear with this scheme is rewritten to."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+        """Why a weight of this shape and dtype cannot use this scheme, or None if it can."""
+        if len(shape) != 2:
+            return f"weight is {len(shape)}-D, expected 2-D (out_features, in_features)"
+        if 0 in shape:
+            return f"weight has an empty dimension {tuple(shape)}"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"weight dtype {dtype_name(dtype)} is not a float dtype"
+        return None
+
+    def pack(self, weight: torch.Tensor, name: str = "weight") -> PackedWeight:
+        """Quantize ``weight`` (out_features, in_features). ``name`` appears in errors."""
+        raise NotImplementedError
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        """Storage bits per weight element for a weight of this shape (without packing it)."""
+        raise NotImplementedError
+
+    def packed_nbytes(self, shape: tuple[int, int]) -> int:
+        """Bytes the packed form of a weight of this shape takes."""
+        return math.ceil(self.bits_per_weight(shape) * shape[0] * shape[1] / 8)
+
+
+# ---- validation helpers for subclasses' __post_init__ ----------------------
+
+def check_type(scheme: Scheme, name: str, types: type | tuple[type, ...]) -> None:
+    """ValueError naming the field when its value is not of ``types`` (bool is not an int here)."""
+    value = getattr(scheme, name)
+    wanted = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted)
+    if not ok:
+        names = " or ".join(t.__name__ for t in wanted)
+        raise ValueError(f"{scheme.kind}.{name}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def check_dtype(scheme: Scheme, name: str) -> None:
+    """Accept a dtype or dtype name for field ``name`` and store the torch.dtype."""
+    value = getattr(scheme, name)
+    dtype = parse_dtype(value, f"{scheme.kind}.{name}", scheme.dtype_fields[name])
+    object.__setattr__(scheme, name, dtype)
+
+
+class PackedWeight:
+    """A quantized weight: the tensors a quantized op consumes, plus its scheme.
+
+    Subclasses (one per format family) implement the methods below. The op is
+    called as ``scheme.op(x, *op_tensors().values(), bias, *op_constants(), kernels)``.
+    """
+
+    scheme: Scheme
+    shape: tuple[int, int]  # (out_features, in_features)
+    dtype: torch.dtype  # dtype of the original weight
+
+    def op_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The tensor arguments of the op after ``x``, in order, by name."""
+        raise NotImplementedError
+
+    def op_constants(self) -> tuple[Any, ...]:
+        """The non-tensor arguments of the op after ``bias`` and before ``kernels``."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, kernels: str = "auto") -> torch.Tensor:
+        """``F.linear(x, W, bias)`` with this quantized W, through the registered op."""
+        return self.scheme.op(x, *self.op_tensors().values(), bias, *self.op_constants(), kernels)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed tensors (codes, scales, nested state, tables)."""
+        return sum(t.numel() * t.element_size() for t in self.op_tensors().values() if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def to_bitsandbytes(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
