@@ -6,9 +6,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from qcompile.passes.sites import LinearSite
-
 from qcompile.formats import Scheme
+from qcompile.passes.sites import LinearSite
 
 if TYPE_CHECKING:
     from qcompile.config import QuantConfig
