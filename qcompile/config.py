@@ -128,6 +128,8 @@ class QuantConfig:
         """Load a ``.json`` or ``.toml`` file in any of the accepted forms."""
         path = os.fspath(path)
         suffix = os.path.splitext(path)[1].lower()
+        if suffix not in (".json", ".toml", ""):
+            raise ValueError(f"config: unknown file type {suffix!r} for {path!r}; allowed: .json, .toml")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -142,13 +144,11 @@ class QuantConfig:
                 data = tomllib.loads(raw.decode())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"config: {path!r} is not valid TOML: {e}") from e
-        elif suffix in (".json", ""):
+        else:
             try:
                 data = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"config: {path!r} is not valid JSON: {e}") from e
-        else:
-            raise ValueError(f"config: unknown file type {suffix!r} for {path!r}; allowed: .json, .toml")
         return cls.from_dict(data)
 
     @classmethod
