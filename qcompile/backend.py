@@ -85,19 +85,44 @@ def _pack(plan: SitePlan) -> Any:
     return packed_weight(site.parameter, plan.scheme, site.transposed, site.qualified_name)
 
 
-def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions) -> Plan:
-    """Plan, pack and rewrite ``gm`` in place; returns the plan."""
+def quantize_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+) -> tuple[Plan, list[torch.nn.Parameter]]:
+    """Plan, pack and rewrite ``gm`` in place; returns the plan and the parameters that may be released."""
     sites = find_linear_sites(gm, example_inputs)
     plans = opts.config.plan(sites)
     plan = Plan(tuple(rows_for(plans, _graph_id(gm), set())))
     rewritten = rewrite_linears(gm, plans, _pack, opts.kernels)
+    releasable = []
     if opts.release_weights:
         for site_plan in rewritten:
             site = site_plan.site
             # Only a weight nothing else in this graph reads (no tied embedding, say) is released.
             if site.weight_node is not None and site.weight_node.op == "placeholder" and not site.weight_node.users:
-                release_parameter(site.parameter)
-    return plan
+                releasable.append(site.parameter)
+    return plan, releasable
+
+
+def _release_after_first_call(compiled: Callable[..., Any], parameters: list[torch.nn.Parameter]) -> Callable:
+    """Wrap ``compiled`` so the parameters are released after its first call.
+
+    Dynamo checks its guards against the parameters right after the backend returns,
+    so they cannot change during compilation. Once released, the parameters' new
+    strides fail the guards of this graph: the next call recompiles once and the new
+    graph reuses the cached packed weights.
+    """
+    pending = list(parameters)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = compiled(*args, **kwargs)
+        while pending:
+            release_parameter(pending.pop())
+        return out
+
+    # Inductor's compiled functions take one list argument; the flag tells dynamo so.
+    if getattr(compiled, "_boxed_call", False):
+        call._boxed_call = True
+    return call
 
 
 def qcompile_backend(
@@ -106,11 +131,16 @@ def qcompile_backend(
 ) -> Callable[..., Any]:
     """The torch.compile backend: quantize the graph's linear layers, then run the inner compiler."""
     opts = BackendOptions.from_options(options)
-    plan = quantize_graph(gm, example_inputs, opts)
+    plan, releasable = quantize_graph(gm, example_inputs, opts)
     if plan.rows:
         log.info("qcompile plan for graph %s:\n%s", _graph_id(gm), plan.table())
     if opts.on_plan is not None:
         opts.on_plan(plan)
+    compiled = _inner_compile(gm, example_inputs, opts, mode)
+    return _release_after_first_call(compiled, releasable) if releasable else compiled
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
     if callable(opts.inner):
         return opts.inner(gm, example_inputs)
     if opts.inner == "eager":

@@ -57,7 +57,7 @@ def rows_for(plans: Sequence[SitePlan], graph: str, seen_weights: set[int]) -> l
             seen_weights.add(key)
         rows.append(PlanRow(
             graph=graph,
-            module=site.module_name if site.module_name is not None else f"<{site.node.name}>",
+            module=site.module_name or (site.qualified_name if site.module_name == "" else f"<{site.node.name}>"),
             form=site.form,
             shape=tuple(site.shape),
             dtype=dtype_name(site.dtype) if site.dtype is not None else "?",
