@@ -63,7 +63,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"quant_type: unknown 4-bit format {kind!r}; allowed: nf4, fp4")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fourbit_code(kind: str, device: torch.device) -> torch.Tensor:
     _check_kind(kind)
     values = NF4_VALUES if kind == "nf4" else FP4_RAW_VALUES
@@ -78,7 +78,7 @@ def fourbit_code(kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
     return _fourbit_code(kind, torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fourbit_bounds(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     code = _fourbit_code(kind, torch.device("cpu"))
     if kind == "nf4":
@@ -101,7 +101,7 @@ def fourbit_bounds(kind: str, device: torch.device | str = "cpu") -> tuple[torch
     return _fourbit_bounds(kind, torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_code(device: torch.device) -> torch.Tensor:
     # create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), step for step:
     # for each exponent i, the float32 means of linspace(0.1, 1, 2**i + 1) scaled by 10**(i-6),
@@ -126,7 +126,7 @@ def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _dynamic_code(torch.device(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_lut(device: torch.device) -> torch.Tensor:
     code = _dynamic_code(torch.device("cpu"))
     midpoints = 0.5 * (code[:-1] + code[1:])

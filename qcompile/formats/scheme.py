@@ -150,6 +150,44 @@ class PackedWeight:
     shape: tuple[int, int]  # (out_features, in_features)
     dtype: torch.dtype  # dtype of the original weight
 
+    # Subclasses that can load a bitsandbytes state dict, in definition order; filled by
+    # __init_subclass__ so that adding a format does not mean editing from_bitsandbytes.
+    _bnb_formats: ClassVar[list[type[PackedWeight]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_bnb_matches" in cls.__dict__:
+            PackedWeight._bnb_formats.append(cls)
+
+    @classmethod
+    def _bnb_matches(cls, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``state`` (keys relative to the module) is this class's bitsandbytes format."""
+        return False
+
+    @classmethod
+    def _from_bnb(cls, state: Mapping[str, torch.Tensor], compute_dtype: torch.dtype | None) -> PackedWeight:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_bitsandbytes(state: Mapping[str, torch.Tensor], compute_dtype: torch.dtype | None = None) -> PackedWeight:
+        """Load what a bitsandbytes module writes into its state dict (keys relative to the module).
+
+        The format is recognized from the keys: ``weight.quant_state.bitsandbytes__nf4`` /
+        ``__fp4`` -> 4-bit (``Linear4bit``), ``SCB`` -> LLM.int8() (``Linear8bitLt``).
+        A ``bias`` key is ignored. ``compute_dtype`` (not stored by bitsandbytes) sets the
+        4-bit scheme's compute dtype; default float32.
+        """
+        _import_formats()
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state: expected a mapping of tensors, got {type(state).__name__}")
+        for cls in PackedWeight._bnb_formats:
+            if cls._bnb_matches(state):
+                return cls._from_bnb(state, compute_dtype)
+        raise ValueError(
+            f"state: not a bitsandbytes Linear4bit / Linear8bitLt state dict (keys: {sorted(state)}); "
+            "expected 'weight.quant_state.bitsandbytes__nf4' / '__fp4' or 'SCB' next to 'weight'"
+        )
+
     def op_tensors(self) -> dict[str, torch.Tensor | None]:
         """The tensor arguments of the op after ``x``, in order, by name."""
         raise NotImplementedError

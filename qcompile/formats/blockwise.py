@@ -1,0 +1,181 @@
+"""Blockwise absmax quantization: NF4/FP4 codes and the nested (double) quantization of absmax.
+
+These are the numerics of bitsandbytes, reproduced in plain torch so that they run on
+any device and give the same bytes as ``bitsandbytes.functional.quantize_4bit`` on CPU:
+
+* 4-bit (bitsandbytes' torch ``quantize_4bit`` kernel): per block of ``blocksize``
+  elements of the flattened weight, ``absmax = max |w|``; ``v = clamp(w * (1 / max(absmax,
+  1e-38)), -1, 1)`` (the last, partial block divides instead: ``w / max(absmax, 1e-38)``,
+  and stores the clamped absmax); nibble = nearest code value, ties to the lower one.
+  Two nibbles per byte, the even element in the high nibble; an odd element count pads
+  with a 0.0 element.
+* nested absmax (bitsandbytes' C ``quantize_cpu``): ``offset = mean(absmax)``; blocks of
+  256 of ``absmax - offset`` get their own absmax ``a``; ``v = clamp(x * (1 / a), -1, 1)``;
+  the LUT slot ``trunc(((v + 1) * 0.5) * 65535 + 0.5)`` names the 8-bit code index. An
+  all-zero block codes to index 0 with absmax 0.
+
+Packing streams over the flattened weight in chunks of whole blocks, so the only float32
+copy of the weight is one chunk-sized working buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.formats.codes import DYNAMIC_LUT_SIZE, dynamic_code, dynamic_lut, fourbit_bounds, fourbit_code
+from qcompile.formats.fourbit import NESTED_BLOCKSIZE
+
+# Elements per streaming chunk. About 1 MiB of float32 keeps the working set of a chunk
+# (input, scaled values, ranks) in L2 and gives torch's kernels enough work per call.
+CHUNK_ELEMENTS = 1 << 18
+# bitsandbytes clamps absmax to this before taking the reciprocal, so all-zero blocks
+# scale to 0 instead of NaN.
+_ABSMAX_FLOOR = 1e-38
+
+
+def _check_finite(absmax: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError(f"{name}: weight contains NaN or Inf values; refusing to quantize it")
+
+
+def _ranks(scaled: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest sorted code value (ties to the lower one), as uint8.
+
+    Counting the boundaries below each value with 15 vectorized comparisons is several
+    times faster on CPU than ``torch.bucketize``'s per-element binary search, and equal to it.
+    """
+    ranks = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for bound in bounds.tolist():
+        ranks += scaled > bound
+    return ranks
+
+
+def _pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (even length) -> bytes with the even element in the high nibble."""
+    pairs = nibbles.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def _quantize_chunk(x: torch.Tensor, absmax_floor: torch.Tensor, bounds: torch.Tensor,
+                    nibble_of_rank: torch.Tensor | None, divide: bool) -> torch.Tensor:
+    """Nibbles of a [blocks, blocksize] float32 chunk, given each block's floored absmax."""
+    if divide:
+        scaled = x / absmax_floor[:, None]
+    else:
+        scaled = x * (1.0 / absmax_floor)[:, None]
+    scaled.clamp_(-1, 1)
+    ranks = _ranks(scaled, bounds)
+    return ranks if nibble_of_rank is None else nibble_of_rank[ranks.long()]
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int, kind: str, name: str = "weight",
+                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4/FP4 quantization of the flattened ``weight``.
+
+    Returns ``(packed, absmax)``: packed uint8 [ceil(numel / 2)] (two codes per byte, high
+    nibble first) and float32 absmax [ceil(numel / blocksize)], byte-identical to
+    ``bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type=kind)``.
+    Raises ValueError naming ``name`` if the weight holds NaN or Inf.
+    """
+    flat = weight.detach().contiguous().view(-1)
+    device = flat.device
+    n = flat.numel()
+    bounds, nibble_of_rank = fourbit_bounds(kind, device)
+    full_blocks, rem = divmod(n, blocksize)
+    absmax = torch.empty(full_blocks + (1 if rem else 0), dtype=torch.float32, device=device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    chunk_blocks = max(1, chunk_elements // blocksize)
+    half = blocksize // 2  # blocksize is even, so every full block starts on a byte boundary
+
+    for b0 in range(0, full_blocks, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, full_blocks)
+        x = flat[b0 * blocksize:b1 * blocksize].view(b1 - b0, blocksize).float()
+        block_absmax = x.abs().amax(dim=1)
+        absmax[b0:b1] = block_absmax
+        nibbles = _quantize_chunk(x, block_absmax.clamp(min=_ABSMAX_FLOOR), bounds, nibble_of_rank, divide=False)
+        packed[b0 * half:b1 * half] = _pack_nibbles(nibbles.view(-1))
+
+    if rem:
+        # bitsandbytes treats the partial last block separately: it divides rather than
+        # multiplying by the reciprocal, and stores the floored absmax.
+        x = flat[full_blocks * blocksize:].float().view(1, rem)
+        tail_absmax = x.abs().amax(dim=1).clamp(min=_ABSMAX_FLOOR)
+        absmax[full_blocks:] = tail_absmax
+        nibbles = _quantize_chunk(x, tail_absmax, bounds, nibble_of_rank, divide=True).view(-1)
+        if rem % 2:
+            # The pad element is a 0.0 quantized like any other value.
+            zero = _quantize_chunk(torch.zeros(1, 1, device=device), torch.ones(1, device=device),
+                                   bounds, nibble_of_rank, divide=True).view(-1)
+            nibbles = torch.cat([nibbles, zero])
+        packed[full_blocks * half:] = _pack_nibbles(nibbles)
+    # NaN/Inf survive amax and clamp, so one look at the absmax vector after the loop
+    # (a single device sync) catches a bad element anywhere in the weight.
+    _check_finite(absmax, name)
+    return packed, absmax
+
+
+def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Double quantization of float32 absmax values, as bitsandbytes' ``compress_statistics``.
+
+    Returns ``(qabsmax uint8 [blocks], nested_absmax float32 [ceil(blocks / 256)],
+    nested_code float32 [256], nested_offset)`` where ``offset = absmax.mean()`` and
+    ``absmax ~= nested_code[qabsmax] * nested_absmax[i // 256] + offset``.
+    """
+    device = absmax.device
+    offset = absmax.mean()  # same torch reduction as bitsandbytes, so the same float32 bits
+    centered = absmax - offset
+    n = centered.numel()
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=device)
+    padded[:n] = centered
+    padded = padded.view(blocks, NESTED_BLOCKSIZE)
+    # Zero padding cannot raise a block's absmax, so the partial block needs no special case.
+    nested_absmax = padded.abs().amax(dim=1)
+    inv = torch.where(nested_absmax == 0, torch.zeros_like(nested_absmax), 1.0 / nested_absmax)
+    normed = (padded * inv[:, None]).clamp_(-1, 1)
+    slots = (((normed + 1.0) * 0.5) * (DYNAMIC_LUT_SIZE - 1) + 0.5).to(torch.int32)
+    codes = dynamic_lut(device)[slots.long()]
+    codes[nested_absmax == 0] = 0
+    qabsmax = codes.view(-1)[:n].contiguous()
+    return qabsmax, nested_absmax, dynamic_code(device).clone(), float(offset.item())
+
+
+def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
+                      nested_offset: float) -> torch.Tensor:
+    """float32 absmax from its nested form: ``nested_code[q] * nested_absmax[i // 256] + offset``."""
+    n = qabsmax.numel()
+    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n]
+    # Two separate float32 roundings (multiply, then add the offset), as bitsandbytes does.
+    values = nested_code[qabsmax.long()] * scale
+    return values + torch.tensor(nested_offset, dtype=torch.float32, device=values.device)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    shape: tuple[int, ...], dtype: torch.dtype,
+                    nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+                    nested_offset: float = 0.0) -> torch.Tensor:
+    """The weight from its packed 4-bit form: ``code[nibble] * absmax[block]`` in float32, cast to ``dtype``.
+
+    ``absmax`` is float32, or uint8 codes when ``nested_absmax`` / ``nested_code`` are given.
+    Equal, bit for bit, to ``bitsandbytes.functional.dequantize_4bit`` on CPU.
+    """
+    if nested_absmax is not None:
+        if nested_code is None:
+            raise ValueError("nested_code: required when nested_absmax is given")
+        absmax = dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
+    n = 1
+    for size in shape:
+        n *= size
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1)[:n]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code[nibbles.long()] * scale).to(dtype).view(shape)
+
+
+def dequantize_error_bound(kind: str) -> float:
+    """Largest |w / absmax - code[nibble(w)]| over [-1, 1]: half the widest gap of the sorted code.
+
+    ``|w - dequantize(w)| <= absmax_of_block * dequantize_error_bound(kind)`` (plus float
+    rounding) for every element; used by the property tests.
+    """
+    code = fourbit_code(kind).sort().values
+    return float(((code[1:] - code[:-1]) / 2).max())
