@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
+from qcompile.formats.packed_int8 import PackedInt8, int8_storage_bytes
 from qcompile.formats.scheme import Scheme, check_type, register_scheme
 
 
@@ -29,3 +32,19 @@ class Int8(Scheme):
         if not math.isfinite(self.threshold) or self.threshold < 0:
             raise ValueError(f"int8.threshold: {self.threshold} is not allowed; allowed: a finite number >= 0")
         check_type(self, "has_fp16_weight", bool)
+
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        """``torch.ops.qcompile.linear_int8``."""
+        import qcompile.ops  # noqa: F401  (registers the ops; kept out of `import qcompile`)
+
+        return torch.ops.qcompile.linear_int8.default
+
+    def pack(self, weight: torch.Tensor, name: str = "weight") -> PackedInt8:
+        """Row-wise int8 of the float16-cast weight, equal to bitsandbytes ``Int8Params``."""
+        return PackedInt8.quantize(weight, self, name)
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        """``8 + 32/K`` (int8 weight + a float32 per row), ``+ 16`` with the float16 master weight."""
+        bits = 8 * int8_storage_bytes(shape) / math.prod(shape)
+        return bits + (16 if self.has_fp16_weight else 0)

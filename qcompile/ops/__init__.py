@@ -1,0 +1,19 @@
+"""qcompile's torch.library ops (namespace ``qcompile``), registered when this package is imported.
+
+Each op file defines one op, its fake (meta) implementation, its autograd formula (x and
+bias only: quantized weights are frozen) and a plain-torch reference implementation
+(``<op>_reference``) that the Triton kernels in ``qcompile.codegen`` are tested against.
+"""
+
+from qcompile.ops import linear_4bit, linear_int8, linear_int8_weight_only, linear_w8a8_dynamic
+from qcompile.ops.dispatch import KERNELS, check_kernels, use_triton
+
+__all__ = [
+    "KERNELS",
+    "check_kernels",
+    "linear_4bit",
+    "linear_int8",
+    "linear_int8_weight_only",
+    "linear_w8a8_dynamic",
+    "use_triton",
+]

@@ -1,0 +1,44 @@
+"""Which implementation a qcompile op runs: the Triton kernels or the torch reference."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+KERNELS = ("auto", "reference", "triton")
+
+
+def check_kernels(kernels: object) -> str:
+    """Return ``kernels`` if it is one of "auto", "reference", "triton"; ValueError naming ``kernels`` otherwise."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels: {kernels!r} is not allowed; allowed: {', '.join(KERNELS)}")
+    return kernels  # type: ignore[return-value]
+
+
+def use_triton(kernels: str, x: torch.Tensor) -> bool:
+    """True for "triton", and for "auto" when ``x`` is on CUDA; False for "reference".
+
+    "triton" on a CPU tensor is only possible through Triton's interpreter, so it needs
+    ``TRITON_INTERPRET=1`` (set before the kernels are imported); without it this raises.
+    """
+    check_kernels(kernels)
+    if kernels == "reference":
+        return False
+    if kernels == "auto":
+        return x.is_cuda
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"kernels: 'triton' was requested for a tensor on {x.device.type}; Triton kernels run on CUDA, "
+            "or on CPU only with TRITON_INTERPRET=1 set before qcompile.codegen is imported. "
+            "Use kernels='reference' or 'auto' on CPU."
+        )
+    return True
+
+
+def triton_kernel(module: str, function: str) -> Callable[..., Any]:
+    """``qcompile.codegen.<module>.<function>``, imported on first use (Triton is optional)."""
+    return getattr(importlib.import_module(f"qcompile.codegen.{module}"), function)
