@@ -40,10 +40,11 @@ NF4_VALUES: tuple[float, ...] = (
 )
 
 # FP4 (1 sign, 2 exponent, 1 mantissa bit, bitsandbytes' bias) in bit-pattern order,
-# before normalization by the largest magnitude (12). Index 8 is -0.0.
+# before normalization by the largest magnitude (12). Index 8 (sign bit, zero) holds +0.0:
+# bitsandbytes writes it as the integer `-0`, which is 0, and checkpoints store that bit pattern.
 FP4_RAW_VALUES: tuple[float, ...] = (
     0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-    -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+    0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
 )  # fmt: skip
 
 # The nibble of the k-th smallest FP4 value, i.e. ``torch.argsort(fp4_code)`` on CPU as
