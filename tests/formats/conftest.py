@@ -3,7 +3,6 @@
 import logging
 
 import pytest
-import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 # bitsandbytes logs a warning about an optional CPU kernel package at import; irrelevant here.

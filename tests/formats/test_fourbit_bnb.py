@@ -131,7 +131,8 @@ def test_values_on_decision_boundaries(kind, eager_bnb_dequant):
     bounds, _ = fourbit_bounds(kind)
     probes = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0)),
                         fourbit_code(kind), torch.tensor([0.0, -0.0])])
-    blocks = [torch.cat([torch.tensor([1.0 if i % 2 else -1.0]), probes[i:i + 31]]) for i in range(0, probes.numel(), 31)]
+    blocks = [torch.cat([torch.tensor([1.0 if i % 2 else -1.0]), probes[i:i + 31]])
+              for i in range(0, probes.numel(), 31)]
     w = torch.cat([torch.nn.functional.pad(b, (0, 32 - b.numel())) for b in blocks]).view(-1, 32)
     q, state = bnb_quantize(w, kind, 32, True)
     packed = SCHEMES[kind](blocksize=32, double_quant=True).pack(w)
