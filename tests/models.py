@@ -1,0 +1,51 @@
+"""Small models built locally for tests (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 128, d_out: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.lm_head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class BrokenMLP(MLP):
+    """The same MLP with a graph break in the middle: dynamo captures two graphs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return self.lm_head(torch.relu(self.fc2(h)))
+
+
+def tiny_llama(layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def dequantized_reference(model: nn.Module, scheme, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """A deep copy of ``model`` whose linear weights went through pack/dequantize with ``scheme``."""
+    import copy
+
+    import qcompile
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, nn.Linear) and not any(s in name for s in skip):
+                module.weight.copy_(qcompile.pack(module.weight, scheme).dequantize(module.weight.dtype))
+    return reference
