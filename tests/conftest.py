@@ -11,3 +11,17 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty dynamo caches.
+
+    Test models share forward code objects, and dynamo's per-code recompile limit (8)
+    would otherwise make later tests fall back to eager.
+    """
+    torch._dynamo.reset()
+    yield

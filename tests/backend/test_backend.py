@@ -1,0 +1,237 @@
+"""The backend end to end: the rewrite fires, outputs match, packed weights are shared."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcompile
+import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
+from qcompile import NF4, QuantConfig, Rule
+from qcompile.pack_cache import cached_packed_weights
+from tests.models import MLP, BrokenMLP, dequantized_reference, tiny_llama
+
+ROOT = Path(__file__).parents[2]
+SEED_JSON = ROOT / "examples" / "bnb_nf4.json"
+FP32_NF4 = NF4(double_quant=True, compute_dtype=torch.float32)
+CONFIG = QuantConfig(default=FP32_NF4, rules=(Rule("lm_head", None),))
+QCOMPILE_OPS = {
+    torch.ops.qcompile.linear_4bit.default, torch.ops.qcompile.linear_int8.default,
+    torch.ops.qcompile.linear_int8_weight_only.default, torch.ops.qcompile.linear_w8a8_dynamic.default,
+}
+
+
+class Recorder:
+    """Options that record each plan and each rewritten graph (an eager inner compiler)."""
+
+    def __init__(self):
+        self.plans, self.graphs = [], []
+
+    def options(self, config=CONFIG, **extra):
+        return {"config": config, "inner": self.inner, "on_plan": self.plans.append, **extra}
+
+    def inner(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def op_count(self):
+        return sum(1 for gm in self.graphs for n in gm.graph.nodes if n.target in QCOMPILE_OPS)
+
+    def packed_bytes(self):
+        """Bytes of the distinct packed tensors all compiled graphs hold."""
+        storages = {}
+        for gm in self.graphs:
+            for name, buf in gm.named_buffers():
+                if name.startswith("_qcompile_"):
+                    storages[buf.untyped_storage().data_ptr()] = buf.untyped_storage().nbytes()
+        return sum(storages.values())
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_mlp_rewrite_fires_and_matches_dequantized_model(inner):
+    model = MLP().eval()
+    x = torch.randn(5, 64)
+    plans = []
+    compiled = torch.compile(model, backend="qcompile",
+                             options={"config": CONFIG, "inner": inner, "on_plan": plans.append})
+    with torch.no_grad():
+        out = compiled(x)
+        expected = dequantized_reference(model, FP32_NF4)(x)
+    plan, = plans
+    assert [r.module for r in plan.quantized] == ["fc1", "fc2"]
+    assert [r.module for r in plan.skipped] == ["lm_head"]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # and the quantization is real: the float model differs
+    assert (out - model(x)).abs().max() > 1e-4
+
+
+def test_graph_contains_qcompile_ops_not_linears():
+    rec = Recorder()
+    torch.compile(MLP(), backend="qcompile", options=rec.options())(torch.randn(2, 64))
+    gm, = rec.graphs
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.qcompile.linear_4bit.default) == 2
+    assert targets.count(torch._C._nn.linear) == 1  # lm_head
+
+
+def test_graph_break_gives_two_rewritten_graphs():
+    rec = Recorder()
+    model = BrokenMLP().eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options=rec.options())(x)
+        expected = dequantized_reference(model, FP32_NF4)(x)
+    assert len(rec.plans) == 2
+    assert [r.module for p in rec.plans for r in p.quantized] == ["fc1", "fc2"]
+    assert rec.op_count() == 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_recompile_for_new_shape_adds_no_packed_memory():
+    rec = Recorder()
+    model = MLP().eval()
+    compiled = torch.compile(model, backend="qcompile", dynamic=False, options=rec.options())
+    with torch.no_grad():
+        compiled(torch.randn(2, 64))
+        first = rec.packed_bytes()
+        compiled(torch.randn(7, 64))  # a new static shape: dynamo recompiles
+        compiled(torch.randn(3, 5, 64))
+    assert len(rec.graphs) >= 2
+    assert first > 0
+    assert rec.packed_bytes() == first
+    assert len(cached_packed_weights(model.fc1.weight)) == 1
+
+
+def test_shared_weight_is_packed_once():
+    model = MLP(d_in=128, hidden=128).eval()
+    model.fc2.weight = model.fc1.weight  # one parameter behind two linears
+    rec = Recorder()
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options=rec.options())(torch.randn(2, 128))
+    gm, = rec.graphs
+    assert rec.op_count() == 2
+    assert len(cached_packed_weights(model.fc1.weight)) == 1
+    names = [n for n, _ in gm.named_buffers() if n.startswith("_qcompile_")]
+    # one set of tensors (packed, absmax, code, nested absmax, nested code), none for fc2
+    assert len(names) == 5 and all(n.startswith("_qcompile_fc1_weight_") for n in names)
+    assert torch.isfinite(out).all()
+
+
+def test_release_weights_frees_float_data_and_keeps_results():
+    model = MLP().eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = dequantized_reference(model, FP32_NF4)(x)
+        compiled = torch.compile(model, backend="qcompile",
+                                 options={"config": CONFIG, "inner": "eager", "release_weights": True})
+        first = compiled(x)
+        second = compiled(x)  # recompiles once: the released weights fail the stride guards
+        eager = model(x)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    assert model.fc1.weight.untyped_storage().nbytes() == 4  # one float left
+    assert model.lm_head.weight.untyped_storage().nbytes() == 32 * 128 * 4  # skipped: kept
+    assert torch.isnan(eager).all()  # the eager model now says loudly that its weights are gone
+
+
+def test_llm_int8_config_fires():
+    rec = Recorder()
+    config = QuantConfig.from_dict({"load_in_8bit": True, "llm_int8_threshold": 6.0})
+    model = MLP().eval()
+    x = torch.randn(4, 64)
+    x[:, 3] = 20.0  # an outlier column
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options=rec.options(config))(x)
+        ref = model(x)
+    assert rec.op_count() == 2
+    assert [type(p) for p in cached_packed_weights(model.fc1.weight)][0].__name__ == "PackedInt8"
+    assert ((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_plan_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="qcompile"):
+        torch.compile(MLP(), backend="qcompile", options={"config": CONFIG, "inner": "eager"})(torch.randn(2, 64))
+    text = caplog.text
+    assert "fc1" in text and "skip: skipped by rule 'lm_head'" in text and "2 of 3 linear sites quantized" in text
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"config": CONFIG, "colour": 1}, "options.colour"),
+    ({"config": CONFIG, "kernels": "cuda"}, "options.kernels"),
+    ({"config": CONFIG, "inner": "tvm"}, "options.inner"),
+    ({"config": CONFIG, "release_weights": "yes"}, "options.release_weights"),
+    ({"config": 3}, "config"),
+])
+def test_bad_options_name_the_key(options, key):
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        torch.compile(MLP(), backend="qcompile", options=options)(torch.randn(2, 64))
+
+
+def test_explain_plans_without_packing():
+    model = MLP()
+    plan = qcompile.explain(model, torch.randn(2, 64), config=CONFIG)
+    assert [r.module for r in plan.quantized] == ["fc1", "fc2"]
+    assert plan.bytes_before == (64 * 128 + 128 * 128 + 128 * 32) * 4
+    assert plan.bytes_after < plan.bytes_before
+    assert cached_packed_weights(model.fc1.weight) == []
+    table = str(plan)
+    assert "fc1" in table and "lm_head" in table and "skip:" in table
+
+
+def _llama_plan_checks(plans, model):
+    names = {r.module for p in plans for r in p.quantized}
+    skipped = {r.module for p in plans for r in p.skipped}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == linears - {"lm_head"}
+    assert skipped == {"lm_head"}
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_llama_forward_and_generate_with_seed_json(dynamic):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    rec = Recorder()
+    with torch.no_grad():
+        reference_generate = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                            do_sample=False, pad_token_id=0)
+        model.forward = torch.compile(model.forward, backend="qcompile", dynamic=dynamic,
+                                      options=rec.options(str(SEED_JSON)))
+        logits = model(ids).logits
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    _llama_plan_checks(rec.plans, model)
+    assert rec.op_count() > 0
+    assert out.shape == reference_generate.shape and torch.isfinite(logits).all()
+
+
+def test_llama_matches_dequantized_model_with_inductor():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    plans = []
+    with torch.no_grad():
+        expected = dequantized_reference(model, FP32_NF4)(ids).logits
+        compiled = torch.compile(model, backend="qcompile", options={"config": CONFIG, "on_plan": plans.append})
+        logits = compiled(ids).logits
+    _llama_plan_checks(plans, model)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_entry_point_works_without_importing_qcompile(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        assert "qcompile" not in sys.modules
+        # the backend name is resolved through the torch_dynamo_backends entry point
+        compiled = torch.compile(model, backend="qcompile", options={{"config": {str(SEED_JSON)!r}, "inner": "eager"}})
+        out = compiled(torch.randn(3, 64))
+        assert out.shape == (3, 8)
+        ops = [n for n in sys.modules["qcompile.pack_cache"]._PACKED.values()]
+        print("packed", len(ops))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packed 2" in result.stdout
