@@ -28,13 +28,20 @@ DEFAULT_SHAPES = ((4096, 4096), (4096, 14336))
 DEFAULT_DTYPES = ("bfloat16", "float32")
 
 
-def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: caches, lazy tables, allocator
-    best = float("inf")
+def _best_seconds(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Best wall time of each function over ``repeats`` rounds, after one warm-up round.
+
+    The functions are interleaved within each round so that a background load on a shared
+    machine hits them alike; the best of the rounds is the least disturbed one.
+    """
+    for fn in fns:
+        fn()  # warm-up: thread pool, caches, lazy tables, allocator
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -70,20 +77,23 @@ def run(shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES, dtypes: tuple[str,
             weight = torch.randn(shape, dtype=torch.float32).mul_(0.02).to(dtype)
             gigabytes = weight.numel() * weight.element_size() / 1e9
             for name, ours, theirs in _cases(weight):
-                q_s = _best_seconds(ours, repeats)
+                times = _best_seconds([ours] if theirs is None else [ours, theirs], repeats)
+                q_s = times[0]
                 row: dict[str, Any] = {
                     "format": name, "shape": list(shape), "dtype": dtype_name,
                     "qcompile_s": q_s, "qcompile_gbps": gigabytes / q_s,
                 }
                 if theirs is not None:
-                    b_s = _best_seconds(theirs, repeats)
+                    b_s = times[1]
                     row.update(bnb_s=b_s, bnb_gbps=gigabytes / b_s, speedup=b_s / q_s)
                 results.append(row)
                 log(
                     f"{name:17s} {shape[0]}x{shape[1]:<6d} {dtype_name:9s} qcompile {row['qcompile_gbps']:6.2f} GB/s"
                     + (f"  bnb {row['bnb_gbps']:6.2f} GB/s  x{row['speedup']:.2f}" if "bnb_gbps" in row else "")
                 )
-    return {"machine": machine_info(), "repeats": repeats, "unit": "GB/s of input weight", "results": results}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"machine": machine_info(), "repeats": repeats, "unit": "GB/s of input weight",
+            "load_average_1_5_15min_at_end": load, "results": results}
 
 
 def machine_info() -> dict[str, Any]:
