@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -89,10 +90,11 @@ def quantize_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
 ) -> tuple[Plan, list[torch.nn.Parameter]]:
     """Plan, pack and rewrite ``gm`` in place; returns the plan and the parameters that may be released."""
+    start = time.perf_counter()
     sites = find_linear_sites(gm, example_inputs)
     plans = opts.config.plan(sites)
-    plan = Plan(tuple(rows_for(plans, _graph_id(gm), set())))
     rewritten = rewrite_linears(gm, plans, _pack, opts.kernels)
+    plan = Plan(tuple(rows_for(plans, _graph_id(gm), set())), pass_seconds=time.perf_counter() - start)
     releasable = []
     if opts.release_weights:
         for site_plan in rewritten:
@@ -133,7 +135,7 @@ def qcompile_backend(
     opts = BackendOptions.from_options(options)
     plan, releasable = quantize_graph(gm, example_inputs, opts)
     if plan.rows:
-        log.info("qcompile plan for graph %s:\n%s", _graph_id(gm), plan.table())
+        log.info("qcompile plan for graph %s (passes took %.3fs):\n%s", _graph_id(gm), plan.pass_seconds, plan.table())
     if opts.on_plan is not None:
         opts.on_plan(plan)
     compiled = _inner_compile(gm, example_inputs, opts, mode)

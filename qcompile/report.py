@@ -83,6 +83,7 @@ class Plan:
     """The plan of every linear site qcompile saw; ``str(plan)`` is a table."""
 
     rows: tuple[PlanRow, ...]
+    pass_seconds: float = 0.0  # time qcompile's passes took (finding, planning, packing, rewriting)
 
     @property
     def quantized(self) -> tuple[PlanRow, ...]:
