@@ -95,6 +95,11 @@ def quantize_graph(
     plans = opts.config.plan(sites)
     rewritten = rewrite_linears(gm, plans, _pack, opts.kernels)
     plan = Plan(tuple(rows_for(plans, _graph_id(gm), set())), pass_seconds=time.perf_counter() - start)
+    trainable = [p.site.qualified_name for p in rewritten if p.site.parameter.requires_grad]
+    if trainable and torch.is_grad_enabled():
+        # Quantized weights are frozen: gradients reach the input and bias only (the QLoRA path).
+        log.warning("qcompile: %d quantized weights require grad but will get no gradient (e.g. %s); "
+                    "freeze them (requires_grad_(False)) or skip them in the config", len(trainable), trainable[0])
     releasable = []
     if opts.release_weights:
         for site_plan in rewritten:

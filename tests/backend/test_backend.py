@@ -235,3 +235,21 @@ def test_entry_point_works_without_importing_qcompile(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "packed 2" in result.stdout
+
+
+def test_gradients_reach_input_and_bias_not_the_frozen_weight(caplog):
+    """The QLoRA path: backward through quantized linears to the input and biases."""
+    model = MLP()
+    x = torch.randn(4, 64, requires_grad=True)
+    reference = dequantized_reference(model, FP32_NF4)
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        out = torch.compile(model, backend="qcompile", options={"config": CONFIG, "inner": "eager"})(x)
+    out.square().sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.fc1.bias.grad, reference.fc1.bias.grad, rtol=1e-5, atol=1e-5)
+    assert model.fc1.weight.grad is None
+    assert model.lm_head.weight.grad is not None  # skipped, so still trained
+    assert "2 quantized weights require grad" in caplog.text
