@@ -21,6 +21,7 @@ import torch
 import qcompile
 from qcompile.config import load
 from qcompile.pack_cache import cached_packed_weights
+from qcompile.reference import dequantized_model
 
 SEED_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "bnb_nf4.json"
 
@@ -36,19 +37,6 @@ def tiny_llama(layers: int = 4, hidden: int = 256, seed: int = 0) -> Any:
         max_position_embeddings=256, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def dequantized_copy(model: torch.nn.Module, plan: qcompile.Plan) -> torch.nn.Module:
-    """A copy of ``model`` whose quantized weights hold their packed-then-dequantized values."""
-    reference = copy.deepcopy(model)
-    quantized = {row.module for row in plan.quantized}
-    for name, module in model.named_modules():
-        if name in quantized:
-            packs = cached_packed_weights(module.weight)
-            target = reference.get_submodule(name)
-            with torch.no_grad():
-                target.weight.copy_(packs[0].dequantize(module.weight.dtype))
-    return reference
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         logits = compiled(ids).logits
         qcompile_s = time.perf_counter() - t0
 
-        reference = dequantized_copy(model, plan)
-        reference_logits = reference(ids).logits
+        reference_logits = dequantized_model(model, config)(ids).logits
 
     packed = {id(p): p for m in model.modules() if isinstance(m, torch.nn.Linear)
               for p in cached_packed_weights(m.weight)}
@@ -94,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"quantized linear weights: {float_bytes / 2**20:.2f} MiB -> {packed_bytes / 2**20:.2f} MiB "
           f"({8 * packed_bytes / (float_bytes / model.dtype.itemsize):.3f} bits per weight, "
           f"{float_bytes / packed_bytes:.2f}x smaller)")
-    print(f"compiled vs eager with the same quantize/dequantize: max abs diff "
+    print(f"compiled vs eager with the same quantize/dequantize and compute dtype: max abs diff "
           f"{(logits - reference_logits).abs().max().item():.3g}, rel {_rel_err(logits, reference_logits):.2e}")
     print(f"compiled vs original float model (quantization error): rel {_rel_err(logits, eager_logits):.3f}")
     print(f"first-call compile time: plain inductor {inductor_s:.1f}s, qcompile ({args.inner}) {qcompile_s:.1f}s")

@@ -38,14 +38,8 @@ def tiny_llama(layers: int = 2, seed: int = 0):
 
 
 def dequantized_reference(model: nn.Module, scheme, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """A deep copy of ``model`` whose linear weights went through pack/dequantize with ``scheme``."""
-    import copy
+    """``model`` with its linears (except ``skip``) quantized/dequantized with ``scheme``, computing eagerly."""
+    from qcompile import QuantConfig, Rule
+    from qcompile.reference import dequantized_model
 
-    import qcompile
-
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, module in reference.named_modules():
-            if isinstance(module, nn.Linear) and not any(s in name for s in skip):
-                module.weight.copy_(qcompile.pack(module.weight, scheme).dequantize(module.weight.dtype))
-    return reference
+    return dequantized_model(model, QuantConfig(default=scheme, rules=tuple(Rule(f"*{s}*", None) for s in skip)))

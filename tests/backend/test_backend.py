@@ -253,3 +253,18 @@ def test_gradients_reach_input_and_bias_not_the_frozen_weight(caplog):
     assert model.fc1.weight.grad is None
     assert model.lm_head.weight.grad is not None  # skipped, so still trained
     assert "2 quantized weights require grad" in caplog.text
+
+
+def test_seed_config_bf16_compute_matches_reference_model():
+    """With bf16 compute the eager reference must compute in bf16 too; then only float rounding remains."""
+    from qcompile.reference import dequantized_model
+
+    config = QuantConfig.from_file(SEED_JSON)
+    model = MLP().eval()
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options={"config": config})(x)
+        expected = dequantized_model(model, config)(x)
+    assert [type(m).__name__ for m in dequantized_model(model, config).children()] == \
+        ["DequantizedLinear", "DequantizedLinear", "Linear"]
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
