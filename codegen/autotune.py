@@ -224,11 +224,15 @@ def max_shared_memory(device: torch.device) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
 
 
-def make_pruner(smem_bytes: Callable[[dict[str, Any], int, dict[str, Any]], int]) -> Callable[..., list]:
+def make_pruner(
+    smem_bytes: Callable[[dict[str, Any], int, dict[str, Any]], int],
+    useful: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
+) -> Callable[..., list]:
     """An ``early_config_prune`` dropping configs whose estimated shared memory exceeds the device's.
 
-    ``smem_bytes(config.kwargs, num_stages, named_args)`` estimates one config's need. If nothing fits,
-    the smallest config is kept so the autotuner always has one to run.
+    ``smem_bytes(config.kwargs, num_stages, named_args)`` estimates one config's need; ``useful(kwargs,
+    named_args)`` may drop configs that cannot pay off for these sizes (a 128-row tile for M=2).
+    If nothing is left, the config needing the least shared memory is kept so there is one to run.
     """
 
     def prune(configs: list, named_args: dict[str, Any], **kwargs: Any) -> list:
@@ -237,7 +241,10 @@ def make_pruner(smem_bytes: Callable[[dict[str, Any], int, dict[str, Any]], int]
         if limit == 0:
             return configs[:1]
         sized = [(smem_bytes({**c.kwargs, **kwargs}, c.num_stages, named_args), c) for c in configs]
-        kept = [c for need, c in sized if need <= limit]
+        kept = [
+            c for need, c in sized
+            if need <= limit and (useful is None or useful({**c.kwargs, **kwargs}, named_args))
+        ]
         return kept or [min(sized, key=lambda item: item[0])[1]]
 
     return prune
@@ -264,6 +271,7 @@ class TunedKernel:
         heuristic: Callable[[dict[str, Any]], Any],
         interpreter_config: Callable[[dict[str, Any]], Any],
         smem_bytes: Callable[[dict[str, Any], int, dict[str, Any]], int],
+        useful: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
         key_names: Sequence[str] = (),
         reset_to_zero: Sequence[str] = (),
     ) -> None:
@@ -273,7 +281,7 @@ class TunedKernel:
         self.spaces = spaces
         self.heuristic = heuristic
         self.interpreter_config = interpreter_config
-        self.pruner = make_pruner(smem_bytes)
+        self.pruner = make_pruner(smem_bytes, useful)
         self.key_names = list(key_names)
         self.reset_to_zero = list(reset_to_zero)
         self._tuners: dict[tuple[str, int], Any] = {}

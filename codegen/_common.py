@@ -1,0 +1,107 @@
+"""Input validation and small shared pieces of the qcompile.codegen entry points (no kernels here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qcompile.codegen.autotune import interpreting
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Offsets inside the kernels are int32: the flat weight index n * K + k must fit.
+MAX_INT32 = 2**31 - 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tl_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def check_runnable(fn: str, kernel: Any, *tensors: torch.Tensor | None) -> torch.device:
+    """The common device of ``tensors``; ValueError when the kernels cannot run there.
+
+    CUDA tensors run compiled kernels. CPU tensors need the Triton interpreter, and triton decides
+    that when a kernel is decorated, so TRITON_INTERPRET=1 must be set before this package is imported.
+    """
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) != 1:
+        raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    device = devices.pop()
+    if device.type == "cuda":
+        if _is_interpreted(kernel):
+            raise ValueError(
+                f"{fn}: got CUDA tensors but the kernels were built for the Triton interpreter "
+                "(TRITON_INTERPRET=1 was set when qcompile.codegen was imported)"
+            )
+        return device
+    if device.type == "cpu":
+        if not interpreting() or not _is_interpreted(kernel):
+            raise ValueError(
+                f"{fn}: CPU tensors run only under the Triton interpreter; set TRITON_INTERPRET=1 "
+                "before qcompile.codegen is imported, or use the reference implementation"
+            )
+        return device
+    raise ValueError(f"{fn}: device {device} is not supported; allowed: cuda, or cpu under TRITON_INTERPRET=1")
+
+
+def _is_interpreted(kernel: Any) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_dtype(fn: str, name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in allowed)
+        raise ValueError(f"{fn}: {name} has dtype {dtype_name(tensor.dtype)}; allowed: {names}")
+
+
+def check_numel(fn: str, name: str, tensor: torch.Tensor, expected: int, at_least: bool = False) -> None:
+    ok = tensor.numel() >= expected if at_least else tensor.numel() == expected
+    if not ok:
+        what = f"at least {expected}" if at_least else f"{expected}"
+        raise ValueError(f"{fn}: {name} has {tensor.numel()} elements, expected {what}")
+
+
+def as_2d_input(fn: str, x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x (..., K) as a (M, K) tensor with unit stride along K (copied only if needed)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{fn}: x has shape {tuple(x.shape)}, expected (..., {in_features})")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    return x2
+
+
+def check_bias(fn: str, bias: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.dim() != 1 or bias.shape[0] != out_features:
+        raise ValueError(f"{fn}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    check_dtype(fn, "bias", bias, FLOAT_DTYPES)
+    return bias.contiguous()
+
+
+def check_index_range(fn: str, out_features: int, in_features: int, m: int) -> None:
+    if out_features * in_features > MAX_INT32 or m * max(in_features, out_features) > MAX_INT32:
+        raise ValueError(
+            f"{fn}: shape M={m}, N={out_features}, K={in_features} exceeds the int32 offsets these kernels use"
+        )
+
+
+def next_power_of_2(n: int) -> int:
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,405 @@
+"""4-bit (NF4 / FP4, bitsandbytes layout) dequantize + matmul kernels.
+
+``y = x @ dequant(W).T + bias`` where W is [N, K] stored as bitsandbytes stores it: flattened,
+element ``i`` in byte ``i // 2`` (high nibble for even ``i``), one absmax per ``blocksize`` flat
+elements (blocks may straddle rows), the absmax optionally double-quantized (uint8 codes, a 256-entry
+code table, one fp32 scale per 256 blocks, plus a mean offset). The weight is dequantized in registers
+only; the 16-bit weight never reaches global memory.
+
+Two variants, dispatched on M (rows of x):
+
+* ``gemv`` (M <= GEMV_MAX_M, decode): memory bound. Each program owns BLOCK_N output features for
+  BLOCK_M (<= 4) rows and a 1/SPLIT_K slice of K; the product is a broadcast multiply and a sum over
+  K in registers (no tensor cores, no padding M to 16). With SPLIT_K > 1 partial sums meet in an fp32
+  buffer through atomic adds, which fills the GPU when N / BLOCK_N alone is too few programs.
+* ``gemm`` (larger M): compute bound. Classic tiled ``tl.dot`` with grouped program order for L2
+  reuse; the [BLOCK_K, BLOCK_N] weight tile is dequantized in registers right before the dot.
+
+Numerics: ``w = (code[q] * absmax[b]).to(compute_dtype)``, ``x.to(compute_dtype)``, products and the
+sum in fp32 (fp32 compute uses IEEE dots, not TF32), bias added in fp32, result cast to x.dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen import _common as common
+from qcompile.codegen import autotune
+from qcompile.codegen._tl_utils import cast
+
+FN = "linear_4bit"
+GEMV_MAX_M = 4
+NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values
+
+
+@triton.jit
+def _dequant_4bit(
+    flat,
+    mask,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    nested_offset,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+):
+    """fp32 weights at flat indices ``flat`` (any shape): code[nibble] * absmax[flat // BLOCKSIZE]."""
+    byte = tl.load(packed_ptr + (flat // 2), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    block = flat // BLOCKSIZE
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        absmax = tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale + nested_offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return value * absmax
+
+
+@triton.jit
+def linear_4bit_gemv_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    nested_offset,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """y (fp32, zeroed when SPLIT_K > 1) [M, N] = x [M, K] @ W.T (+ bias)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    # Each split owns a whole number of BLOCK_K steps.
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_chunk
+    k_end = tl.minimum(k_begin + k_chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < k_end
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = cast(x, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = _dequant_4bit(
+            rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
+            nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
+        )
+        w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        # Only the first K split adds the bias.
+        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+
+
+@triton.jit
+def linear_4bit_gemm_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    nested_offset,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y [M, N] (x.dtype) = x [M, K] @ W.T (+ bias), W dequantized tile by tile in registers."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles walk the N tiles together, so weight tiles stay in L2.
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = cast(x, COMPUTE_DTYPE, INTERPRET)
+        w = _dequant_4bit(
+            rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
+            nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
+        )
+        w = cast(w, COMPUTE_DTYPE, INTERPRET)
+        if INTERPRET:
+            # Same products (16-bit x 16-bit is exact in fp32) and fp32 sum; works around the
+            # interpreter's bf16 tl.dot, which multiplies the raw uint16 bit patterns.
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---- configs --------------------------------------------------------------------------------------
+
+_ARGS = [
+    "x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "bias_ptr",
+    "y_ptr", "M", "N", "K", "stride_xm", "stride_ym", "nested_offset",
+]
+
+
+def _gemv_spaces() -> dict[str, list]:
+    cfg = autotune.config
+    fast = [
+        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
+        for bn, bk in ((32, 128), (64, 64), (16, 256))
+        for sk in (1, 4)
+    ]
+    full = [
+        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+        for bn in (16, 32, 64, 128)
+        for bk in (64, 128, 256)
+        for sk in (1, 2, 4, 8, 16)
+        for w in (2, 4, 8)
+        for s in (1, 2, 3)
+        if bn * bk <= 16384
+    ]
+    return {"fast": fast, "max": full}
+
+
+def gemm_spaces() -> dict[str, list]:
+    """(Shared with the int8 GEMMs.) fast: 7 classic tiles; max: a 4 x 4 x 3 x 3 grid."""
+    cfg = autotune.config
+    fast = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3),
+        )
+    ]
+    full = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
+        for bm in (16, 32, 64, 128)
+        for bn in (32, 64, 128, 256)
+        for bk in (32, 64, 128)
+        for s in (2, 3, 4)
+    ]
+    return {"fast": fast, "max": full}
+
+
+def _gemv_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
+    # Software pipelining may stage the x slice, packed bytes and absmax per element.
+    x_bytes = named["x_ptr"].element_size()
+    return stages * (meta["BLOCK_M"] * meta["BLOCK_K"] * x_bytes + meta["BLOCK_N"] * meta["BLOCK_K"] * 5)
+
+
+def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any], w_bytes: int = 5) -> int:
+    """Pipelined x and (packed weight + metadata) tiles, plus the dequantized dot operand."""
+    x_bytes = named["x_ptr"].element_size()
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return stages * (bm * bk * x_bytes + bk * bn * w_bytes) + bk * bn * 4
+
+
+def gemm_useful(meta: dict[str, Any], named: dict[str, Any]) -> bool:
+    """No point in row tiles more than twice as tall as M's bucket."""
+    return meta["BLOCK_M"] <= max(16, 2 * autotune.m_bucket(named["M"]))
+
+
+def _gemv_heuristic(named: dict[str, Any]) -> Any:
+    n, k = named["N"], named["K"]
+    block_n, block_k = 32, 128
+    programs = triton.cdiv(n, block_n) * triton.cdiv(named["M"], GEMV_MAX_M)
+    target = 2 * common.sm_count(named["x_ptr"].device)
+    split = 1
+    while programs * split < target and split < 16 and (split * 2) * block_k <= k:
+        split *= 2
+    return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=2)
+
+
+def gemm_heuristic(named: dict[str, Any]) -> Any:
+    m = named["M"]
+    fp32 = named["x_ptr"].element_size() == 4
+    bk = 32 if fp32 else 64
+    if m <= 16:
+        return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk * 2, GROUP_M=8, num_warps=4, num_stages=4)
+    if m <= 64:
+        return autotune.config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3)
+    return autotune.config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def gemm_interpreter_config(named: dict[str, Any]) -> Any:
+    # Few, fat programs: the interpreter's cost is per program and per op, not per element.
+    return autotune.config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+
+
+def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
+    # SPLIT_K=2 so the atomic split-K path is what CI exercises by default.
+    return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1)
+
+
+_TUNED: dict[str, autotune.TunedKernel] = {}
+
+
+def _tuned(variant: str) -> autotune.TunedKernel:
+    # Built on first use: nothing is benchmarked or read from disk at import.
+    if variant not in _TUNED:
+        if variant == "gemv":
+            _TUNED[variant] = autotune.TunedKernel(
+                "linear_4bit_gemv", linear_4bit_gemv_kernel, _ARGS, _gemv_spaces(), _gemv_heuristic,
+                _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"], reset_to_zero=["y_ptr"],
+            )
+        else:
+            _TUNED[variant] = autotune.TunedKernel(
+                "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, gemm_spaces(), gemm_heuristic,
+                gemm_interpreter_config, gemm_smem, gemm_useful, key_names=["N", "K"],
+            )
+    return _TUNED[variant]
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    nested_offset: float,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    compute_dtype: torch.dtype,
+    *,
+    variant: str = "auto",
+    config: Any = None,
+) -> torch.Tensor:
+    """``x @ dequantize_4bit(W).T + bias`` in x.dtype; see the module docstring for the layout.
+
+    variant: ``auto`` (GEMV for M <= GEMV_MAX_M, else GEMM), ``gemv`` or ``gemm``.
+    config: force one launch config (a triton.Config or a dict of meta-parameters and num_warps /
+        num_stages), bypassing tuning; meant for tests and benchmarks.
+    """
+    n, k = int(out_features), int(in_features)
+    if n <= 0 or k <= 0:
+        raise ValueError(f"{FN}: out_features and in_features must be positive, got {n}, {k}")
+    if variant not in ("auto", "gemv", "gemm"):
+        raise ValueError(f"{FN}: variant {variant!r} is not allowed; allowed: auto, gemv, gemm")
+    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize & (blocksize - 1):
+        raise ValueError(f"{FN}: blocksize must be a positive power of two, got {blocksize!r}")
+    if compute_dtype not in common.FLOAT_DTYPES:
+        raise ValueError(f"{FN}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
+    if (nested_absmax is None) != (nested_code is None):
+        raise ValueError(f"{FN}: nested_absmax and nested_code must be given together (double quantization)")
+    common.check_runnable(FN, linear_4bit_gemm_kernel, x, packed, absmax, code, nested_absmax, nested_code, bias)
+    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
+    x2 = common.as_2d_input(FN, x, k)
+    m = x2.shape[0]
+    common.check_index_range(FN, n, k, m)
+
+    # quant_storage may view the packed bytes as another dtype; the bytes are what matter.
+    packed_u8 = packed.contiguous().reshape(-1).view(torch.uint8)
+    common.check_numel(FN, "packed (as bytes)", packed_u8, (n * k + 1) // 2, at_least=True)
+    nblocks = -(-n * k // blocksize)
+    code = code.reshape(-1).to(torch.float32).contiguous()
+    common.check_numel(FN, "code", code, 16)
+    absmax = absmax.reshape(-1).contiguous()
+    common.check_numel(FN, "absmax", absmax, nblocks, at_least=True)
+    nested = nested_absmax is not None
+    if nested:
+        common.check_dtype(FN, "absmax (double-quantized)", absmax, (torch.uint8,))
+        nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
+        common.check_numel(FN, "nested_code", nested_code, 256)
+        nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
+        common.check_numel(FN, "nested_absmax", nested_absmax, -(-nblocks // NESTED_BLOCKSIZE), at_least=True)
+    else:
+        common.check_dtype(FN, "absmax", absmax, common.FLOAT_DTYPES)
+        absmax = absmax.to(torch.float32)
+        # Unused pointers still need a tensor; absmax is a harmless stand-in.
+        nested_absmax = nested_code = absmax
+    bias = common.check_bias(FN, bias, n)
+
+    out_shape = (*x.shape[:-1], n)
+    if m == 0:
+        return x.new_zeros(out_shape)
+    if variant == "auto":
+        variant = "gemv" if m <= GEMV_MAX_M else "gemm"
+    forced = autotune.as_config(config)
+    consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
+                  COMPUTE_DTYPE=common.tl_dtype(compute_dtype), INTERPRET=autotune.interpreting())
+    bias_arg = bias if bias is not None else code
+
+    if variant == "gemv":
+        block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+        args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
+                x2.stride(0), y.stride(0), float(nested_offset))
+
+        def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+            return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
+        return y.to(x.dtype).reshape(out_shape)
+
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
+            x2.stride(0), y.stride(0), float(nested_offset))
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    precision = "ieee" if compute_dtype == torch.float32 or consts["INTERPRET"] else "tf32"
+    _tuned("gemm").launch(grid, args, m, config=forced, DOT_PRECISION=precision, **consts)
+    return y.reshape(out_shape)
