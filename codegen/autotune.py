@@ -370,3 +370,46 @@ def as_config(value: Any) -> Any:
     num_warps = int(data.pop("num_warps", 4))
     num_stages = int(data.pop("num_stages", 2))
     return config(num_warps=num_warps, num_stages=num_stages, **data)
+
+
+# ---- GEMM config spaces shared by the tiled kernels -------------------------------------------
+
+def gemm_spaces() -> dict[str, list]:
+    """(Shared with the int8 GEMMs.) fast: 7 classic tiles; max: a 4 x 4 x 3 x 3 grid."""
+    cfg = config
+    fast = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3),
+        )
+    ]
+    full = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
+        for bm in (16, 32, 64, 128)
+        for bn in (32, 64, 128, 256)
+        for bk in (32, 64, 128)
+        for s in (2, 3, 4)
+    ]
+    return {"fast": fast, "max": full}
+
+
+def gemm_useful(meta: dict[str, Any], named: dict[str, Any]) -> bool:
+    """No point in row tiles more than twice as tall as M's bucket."""
+    return meta["BLOCK_M"] <= max(16, 2 * m_bucket(named["M"]))
+
+
+def gemm_heuristic(named: dict[str, Any]) -> Any:
+    m = named["M"]
+    fp32 = named["x_ptr"].element_size() == 4
+    bk = 32 if fp32 else 64
+    if m <= 16:
+        return config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk * 2, GROUP_M=8, num_warps=4, num_stages=4)
+    if m <= 64:
+        return config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3)
+    return config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def gemm_interpreter_config(named: dict[str, Any]) -> Any:
+    # Few, fat programs: the interpreter's cost is per program and per op, not per element.
+    return config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)

@@ -218,26 +218,6 @@ def _gemv_spaces() -> dict[str, list]:
     return {"fast": fast, "max": full}
 
 
-def gemm_spaces() -> dict[str, list]:
-    """(Shared with the int8 GEMMs.) fast: 7 classic tiles; max: a 4 x 4 x 3 x 3 grid."""
-    cfg = autotune.config
-    fast = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3),
-        )
-    ]
-    full = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
-        for bm in (16, 32, 64, 128)
-        for bn in (32, 64, 128, 256)
-        for bk in (32, 64, 128)
-        for s in (2, 3, 4)
-    ]
-    return {"fast": fast, "max": full}
-
-
 def _gemv_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
     # Software pipelining may stage the x slice, packed bytes and absmax per element.
     x_bytes = named["x_ptr"].element_size()
@@ -251,11 +231,6 @@ def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any], w_bytes:
     return stages * (bm * bk * x_bytes + bk * bn * w_bytes) + bk * bn * 4
 
 
-def gemm_useful(meta: dict[str, Any], named: dict[str, Any]) -> bool:
-    """No point in row tiles more than twice as tall as M's bucket."""
-    return meta["BLOCK_M"] <= max(16, 2 * autotune.m_bucket(named["M"]))
-
-
 def _gemv_heuristic(named: dict[str, Any]) -> Any:
     n, k = named["N"], named["K"]
     block_n, block_k = 32, 128
@@ -265,22 +240,6 @@ def _gemv_heuristic(named: dict[str, Any]) -> Any:
     while programs * split < target and split < 16 and (split * 2) * block_k <= k:
         split *= 2
     return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=2)
-
-
-def gemm_heuristic(named: dict[str, Any]) -> Any:
-    m = named["M"]
-    fp32 = named["x_ptr"].element_size() == 4
-    bk = 32 if fp32 else 64
-    if m <= 16:
-        return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk * 2, GROUP_M=8, num_warps=4, num_stages=4)
-    if m <= 64:
-        return autotune.config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8, num_warps=4, num_stages=3)
-    return autotune.config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-def gemm_interpreter_config(named: dict[str, Any]) -> Any:
-    # Few, fat programs: the interpreter's cost is per program and per op, not per element.
-    return autotune.config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 
 
 def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
@@ -301,8 +260,8 @@ def _tuned(variant: str) -> autotune.TunedKernel:
             )
         else:
             _TUNED[variant] = autotune.TunedKernel(
-                "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, gemm_spaces(), gemm_heuristic,
-                gemm_interpreter_config, gemm_smem, gemm_useful, key_names=["N", "K"],
+                "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
+                autotune.gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
             )
     return _TUNED[variant]
 

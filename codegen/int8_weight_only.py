@@ -1,0 +1,140 @@
+"""Weight-only int8: ``y = x @ (W * scale[:, None]).T + bias`` with W int8 [N, K], scale fp32 [N].
+
+One tiled GEMM: the int8 weight tile is converted to x's dtype in registers (exact: |q| <= 127 fits
+fp16/bf16), ``tl.dot`` accumulates in fp32 (IEEE for fp32 x), and the per-output-channel scale and
+the bias are applied once in the epilogue (``sum_k x*q*s == s * sum_k x*q``). For small M the tile
+is 16 rows tall (the smallest ``tl.dot`` tile); decode stays memory bound on the int8 weight reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen import _common as common
+from qcompile.codegen import autotune
+from qcompile.codegen._tl_utils import cast
+
+FN = "int8_weight_only"
+
+
+@triton.jit
+def int8_weight_only_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        q = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        if INTERPRET:
+            # The interpreter's bf16 tl.dot (and int8 -> bf16 cast) work on raw bit patterns; fp32
+            # operands give the same products and sum.
+            x = x.to(tl.float32)
+            w = q.to(tl.float32)
+        else:
+            w = q.to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    acc = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
+
+
+def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
+    x_bytes = named["x_ptr"].element_size()
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return stages * (bm * bk * x_bytes + bk * bn) + bk * bn * x_bytes
+
+
+_TUNED: dict[str, autotune.TunedKernel] = {}
+
+
+def _tuned() -> autotune.TunedKernel:
+    if "gemm" not in _TUNED:
+        _TUNED["gemm"] = autotune.TunedKernel(
+            "int8_weight_only_gemm", int8_weight_only_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
+            autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+        )
+    return _TUNED["gemm"]
+
+
+def int8_weight_only(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    config: Any = None,
+) -> torch.Tensor:
+    """``x @ (weight * weight_scale[:, None]).T + bias`` in x.dtype with fp32 accumulation.
+
+    config: force one launch config (triton.Config or dict), bypassing tuning; for tests/benchmarks.
+    """
+    common.check_runnable(FN, int8_weight_only_kernel, x, weight, weight_scale, bias)
+    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
+    common.check_dtype(FN, "weight", weight, (torch.int8,))
+    if weight.dim() != 2:
+        raise ValueError(f"{FN}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    n, k = weight.shape
+    x2 = common.as_2d_input(FN, x, k)
+    m = x2.shape[0]
+    common.check_index_range(FN, n, k, m)
+    weight = weight.contiguous()
+    common.check_dtype(FN, "weight_scale", weight_scale, common.FLOAT_DTYPES)
+    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    common.check_numel(FN, "weight_scale", weight_scale, n)
+    bias = common.check_bias(FN, bias, n)
+
+    out_shape = (*x.shape[:-1], n)
+    if m == 0:
+        return x.new_zeros(out_shape)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    args = (x2, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
+            x2.stride(0), weight.stride(0), y.stride(0))
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    interpret = autotune.interpreting()
+    precision = "ieee" if x.dtype == torch.float32 or interpret else "tf32"
+    _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
+                    DOT_PRECISION=precision, INTERPRET=interpret)
+    return y.reshape(out_shape)

@@ -1,0 +1,227 @@
+"""W8A8 dynamic: per-token asymmetric int8 activations (quantized at run time), per-channel
+symmetric int8 weights, int8 x int8 ``tl.dot`` with int32 accumulation.
+
+Activation quantization (one program per row, the whole row in registers, one read of x)::
+
+    lo = min(min(x_row), 0); hi = max(max(x_row), 0)      # the range always holds 0
+    scale = (hi - lo) / 255            (1.0 for an all-zero row)
+    zp    = round(-lo / scale) - 128   (in [-128, 127] because the range holds 0)
+    q     = clamp(round(x / scale) + zp, -128, 127)
+
+Including 0 in the range (torchao's convention) keeps zp inside int8 and makes a constant row
+well defined; for rows that straddle 0 (the usual case) it is exactly ``(max - min) / 255``.
+
+GEMM: ``x ~ (q - zp) * scale`` and ``W ~ w * wscale``, so
+``y[m, n] = scale[m] * wscale[n] * (sum_k q[m,k] w[n,k] - zp[m] * sum_k w[n,k]) + bias[n]``.
+The weight row sums come from the same weight tiles the dot consumes (a reduction per K step), so
+W is read once and no extra tensor has to be stored or passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.codegen import _common as common
+from qcompile.codegen import autotune
+from qcompile.codegen._tl_utils import cast, rint
+
+FN = "w8a8_dynamic"
+MAX_ROW = 65536  # the quantization kernel keeps a whole row in registers
+
+
+@triton.jit
+def w8a8_quant_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    zp_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    mask = rk < K
+    x = tl.load(x_ptr + row * stride_xm + rk, mask=mask, other=0.0).to(tl.float32)
+    # Masked lanes read 0, which the range holds anyway.
+    lo = tl.minimum(tl.min(x, axis=0), 0.0)
+    hi = tl.maximum(tl.max(x, axis=0), 0.0)
+    scale = tl.math.div_rn(hi - lo, 255.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    zp = rint(tl.math.div_rn(-lo, scale)) - 128.0
+    q = rint(tl.math.div_rn(x, scale)) + zp
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    tl.store(q_ptr + row * stride_qm + rk, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    tl.store(zp_ptr + row, zp.to(tl.int32))
+
+
+@triton.jit
+def w8a8_gemm_kernel(
+    q_ptr,
+    w_ptr,
+    x_scale_ptr,
+    x_zp_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_qm,
+    stride_wn,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        a = tl.load(q_ptr + rm[:, None] * stride_qm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        w_sum += tl.sum(b.to(tl.int32), axis=0)
+    zp = tl.load(x_zp_ptr + rm, mask=m_mask, other=0)
+    x_scale = tl.load(x_scale_ptr + rm, mask=m_mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    out = (acc - zp[:, None] * w_sum[None, :]).to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_ARGS = [
+    "q_ptr", "w_ptr", "x_scale_ptr", "x_zp_ptr", "w_scale_ptr", "bias_ptr", "y_ptr",
+    "M", "N", "K", "stride_qm", "stride_wn", "stride_ym",
+]
+
+
+def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return stages * (bm * bk + bk * bn)
+
+
+def _heuristic(named: dict[str, Any]) -> Any:
+    m = named["M"]
+    if m <= 16:
+        return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+    if m <= 64:
+        return autotune.config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    return autotune.config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def int8_gemm_spaces() -> dict[str, list]:
+    """int8 tiles: BLOCK_K >= 32 (int8 MMA needs K multiples of 32) and deeper K steps than 16-bit."""
+    cfg = autotune.config
+    fast = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (16, 64, 256, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3),
+            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+        )
+    ]
+    full = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
+        for bm in (16, 32, 64, 128)
+        for bn in (32, 64, 128, 256)
+        for bk in (64, 128, 256)
+        for s in (2, 3, 4)
+    ]
+    return {"fast": fast, "max": full}
+
+
+_TUNED: dict[str, autotune.TunedKernel] = {}
+
+
+def _tuned() -> autotune.TunedKernel:
+    if "gemm" not in _TUNED:
+        _TUNED["gemm"] = autotune.TunedKernel(
+            "w8a8_dynamic_gemm", w8a8_gemm_kernel, _ARGS, int8_gemm_spaces(), _heuristic,
+            autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+        )
+    return _TUNED["gemm"]
+
+
+def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [M, K], scale fp32 [M], zero point int32 [M]) for a 2-D x with unit K stride."""
+    common.check_runnable(FN, w8a8_quant_kernel, x2)
+    m, k = x2.shape
+    if k > MAX_ROW:
+        raise ValueError(f"{FN}: in_features {k} exceeds {MAX_ROW}, the longest row the quantization kernel holds")
+    q = torch.empty((m, k), device=x2.device, dtype=torch.int8)
+    scale = torch.empty(m, device=x2.device, dtype=torch.float32)
+    zp = torch.empty(m, device=x2.device, dtype=torch.int32)
+    if m:
+        block_k = common.next_power_of_2(k)
+        warps = 1 if autotune.interpreting() else min(16, max(1, block_k // 512))
+        # enable_fp_fusion=False: the rounding in rint must not fuse with the division's result.
+        w8a8_quant_kernel[(m,)](x2, q, scale, zp, k, x2.stride(0), q.stride(0), BLOCK_K=block_k,
+                                num_warps=warps, enable_fp_fusion=False)
+    return q, scale, zp
+
+
+def w8a8_dynamic(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    config: Any = None,
+) -> torch.Tensor:
+    """W8A8 dynamic linear in x.dtype; see the module docstring for the numerics.
+
+    config: force one GEMM launch config (triton.Config or dict), bypassing tuning.
+    """
+    common.check_runnable(FN, w8a8_gemm_kernel, x, weight, weight_scale, bias)
+    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
+    common.check_dtype(FN, "weight", weight, (torch.int8,))
+    if weight.dim() != 2:
+        raise ValueError(f"{FN}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    n, k = weight.shape
+    x2 = common.as_2d_input(FN, x, k)
+    m = x2.shape[0]
+    common.check_index_range(FN, n, k, m)
+    weight = weight.contiguous()
+    common.check_dtype(FN, "weight_scale", weight_scale, common.FLOAT_DTYPES)
+    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    common.check_numel(FN, "weight_scale", weight_scale, n)
+    bias = common.check_bias(FN, bias, n)
+
+    out_shape = (*x.shape[:-1], n)
+    if m == 0:
+        return x.new_zeros(out_shape)
+    q, x_scale, x_zp = quantize_activations(x2)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    args = (q, weight, x_scale, x_zp, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
+            q.stride(0), weight.stride(0), y.stride(0))
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
+                    INTERPRET=autotune.interpreting())
+    return y.reshape(out_shape)
