@@ -1,0 +1,163 @@
+"""NF4/FP4 dequant+matmul kernels vs a plain-torch reference (interpreter on CPU, compiled on CUDA)."""
+
+import codegen_refs as ref
+import pytest
+import torch
+from codegen_refs import requires_cuda, requires_interpreter
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _quantize(w, quant_type, nested, blocksize):
+    packed, state = bnb_functional.quantize_4bit(
+        w.cpu().float(), blocksize=blocksize, compress_statistics=nested, quant_type=quant_type
+    )
+    tensors = dict(
+        packed=packed,
+        absmax=state.absmax,
+        code=state.code,
+        nested_absmax=state.state2.absmax if nested else None,
+        nested_code=state.state2.code if nested else None,
+        nested_offset=float(state.offset) if nested else 0.0,
+    )
+    return tensors
+
+
+def _run(x, q, bias, blocksize, n, k, compute_dtype, **kw):
+    from qcompile.codegen.linear_4bit import linear_4bit
+
+    dev = x.device
+    move = {key: (v.to(dev) if isinstance(v, torch.Tensor) else v) for key, v in q.items()}
+    return linear_4bit(
+        x, move["packed"], move["absmax"], move["code"], move["nested_absmax"], move["nested_code"], bias,
+        move["nested_offset"], blocksize, n, k, compute_dtype, **kw,
+    )
+
+
+def _reference(x, q, bias, blocksize, n, k, compute_dtype):
+    w = ref.dequantize_4bit(q["packed"], q["absmax"], q["code"], q["nested_absmax"], q["nested_code"],
+                            q["nested_offset"], blocksize, n, k)
+    return ref.linear_4bit(x.cpu(), w, None if bias is None else bias.cpu(), compute_dtype)
+
+
+N, K = 33, 96  # K % 64 != 0: absmax blocks straddle rows; K is not a multiple of the 32-wide tile
+
+
+@requires_interpreter
+@pytest.mark.parametrize("variant", ["gemv", "gemm"])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_matches_reference(quant_type, nested, compute_dtype, m, variant):
+    torch.manual_seed(hash((quant_type, nested, m)) % 1000)
+    w = torch.randn(N, K)
+    q = _quantize(w, quant_type, nested, 64)
+    x = torch.randn(m, K, dtype=compute_dtype)
+    bias = torch.randn(N, dtype=compute_dtype) if m != 3 else None
+    y = _run(x, q, bias, 64, N, K, compute_dtype, variant=variant)
+    expected = _reference(x, q, bias, 64, N, K, compute_dtype)
+    assert y.dtype == x.dtype and y.shape == (m, N)
+    torch.testing.assert_close(y, expected, **ref.tolerance(compute_dtype))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_gemv_split_k(split_k):
+    torch.manual_seed(split_k)
+    w = torch.randn(N, K)
+    q = _quantize(w, "nf4", True, 32)
+    x = torch.randn(2, K)
+    bias = torch.randn(N)
+    config = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4)
+    y = _run(x, q, bias, 32, N, K, torch.float32, variant="gemv", config=config)
+    torch.testing.assert_close(y, _reference(x, q, bias, 32, N, K, torch.float32), **ref.tolerance(torch.float32))
+
+
+@requires_interpreter
+def test_input_dtype_differs_from_compute_dtype_and_3d_input():
+    torch.manual_seed(0)
+    n, k = 17, 40  # N*K even, K % 32 == 8: blocks of 32 straddle rows, odd row count
+    w = torch.randn(n, k)
+    q = _quantize(w, "fp4", False, 32)
+    x = torch.randn(2, 3, k, dtype=torch.float32)
+    y = _run(x, q, None, 32, n, k, torch.bfloat16)
+    expected = _reference(x.reshape(6, k), q, None, 32, n, k, torch.bfloat16).reshape(2, 3, n)
+    assert y.shape == (2, 3, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, **ref.tolerance(torch.bfloat16))
+
+
+@requires_interpreter
+def test_odd_element_count_and_noncontiguous_x():
+    torch.manual_seed(1)
+    n, k = 7, 33  # N*K odd: the last byte holds one code
+    w = torch.randn(n, k)
+    q = _quantize(w, "nf4", True, 64)
+    x = torch.randn(k, 5).T  # non-contiguous rows
+    y = _run(x, q, None, 64, n, k, torch.float32, variant="gemm")
+    torch.testing.assert_close(y, _reference(x, q, None, 64, n, k, torch.float32), **ref.tolerance(torch.float32))
+
+
+@requires_interpreter
+def test_quant_storage_view_is_accepted():
+    torch.manual_seed(2)
+    w = torch.randn(8, 64)
+    q = _quantize(w, "nf4", False, 64)
+    expected = _reference(torch.ones(1, 64), q, None, 64, 8, 64, torch.float32)
+    q["packed"] = q["packed"].reshape(-1).view(torch.float16)
+    y = _run(torch.ones(1, 64), q, None, 64, 8, 64, torch.float32)
+    torch.testing.assert_close(y, expected)
+
+
+@requires_interpreter
+def test_validation_errors():
+    w = torch.randn(8, 64)
+    q = _quantize(w, "nf4", False, 64)
+    with pytest.raises(ValueError, match="x has shape"):
+        _run(torch.randn(2, 63), q, None, 64, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="variant"):
+        _run(torch.randn(2, 64), q, None, 64, 8, 64, torch.float32, variant="fast")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        _run(torch.randn(2, 64), q, None, 64, 8, 64, torch.int8)
+    with pytest.raises(ValueError, match="absmax"):
+        _run(torch.randn(2, 64), dict(q, absmax=q["absmax"][:0]), None, 64, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="bias"):
+        _run(torch.randn(2, 64), q, torch.randn(7), 64, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="together"):
+        _run(torch.randn(2, 64), dict(q, nested_code=torch.zeros(256)), None, 64, 8, 64, torch.float32)
+
+
+# ---- GPU -------------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("variant", ["auto", "gemv", "gemm"])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cuda_small(quant_type, nested, compute_dtype, m, variant):
+    torch.manual_seed(0)
+    w = torch.randn(N, K)
+    q = _quantize(w, quant_type, nested, 64)
+    x = torch.randn(m, K, dtype=compute_dtype, device="cuda")
+    bias = torch.randn(N, dtype=compute_dtype, device="cuda")
+    y = _run(x, q, bias, 64, N, K, compute_dtype, variant=variant)
+    torch.testing.assert_close(y.cpu(), _reference(x, q, bias, 64, N, K, compute_dtype), **ref.tolerance(compute_dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 128, 4096])
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_large(m, compute_dtype):
+    torch.manual_seed(0)
+    n = k = 4096
+    w = torch.randn(n, k) * 0.02
+    q = _quantize(w, "nf4", True, 64)
+    x = torch.randn(m, k, dtype=compute_dtype, device="cuda")
+    y = _run(x, q, None, 64, n, k, compute_dtype)
+    wd = ref.dequantize_4bit(q["packed"], q["absmax"], q["code"], q["nested_absmax"], q["nested_code"],
+                             q["nested_offset"], 64, n, k).cuda()
+    expected = (x.float() @ wd.to(compute_dtype).float().T).to(compute_dtype)
+    cos = torch.nn.functional.cosine_similarity(y.float().flatten(), expected.float().flatten(), dim=0)
+    assert cos > 0.9999
+    torch.testing.assert_close(y, expected, atol=5e-2, rtol=2e-2)
