@@ -1,0 +1,22 @@
+"""Triton kernels for the qcompile ops, one kernel family per module, imported lazily by the ops.
+
+* ``linear_4bit.linear_4bit``            NF4/FP4 (+ double quant) dequant+matmul: GEMV/split-K and GEMM
+* ``int8_weight_only.int8_weight_only``  int8 weight, float activations
+* ``llm_int8.linear_int8``               LLM.int8() with outlier decomposition (and ``int8_vectorwise_quant``)
+* ``w8a8_dynamic.w8a8_dynamic``          per-token asymmetric int8 activations x int8 weights
+* ``autotune``                           config spaces, M buckets, pruner, persistent winner cache
+
+Triton decides at decoration time whether kernels run in its CPU interpreter, so ``TRITON_INTERPRET=1``
+must be set before these modules are imported; the entry points raise a ValueError naming the problem
+when tensors and kernels disagree (CPU tensors with compiled kernels or the reverse).
+
+Inductor: the ops call these functions from an opaque ``torch.library`` custom op, so inductor
+schedules around each call as one extern kernel: it fuses the producers/consumers on either side
+(e.g. an RMSNorm before, a SiLU*mul or residual add after) into its own kernels, but cannot fuse
+into these kernels (no prologue/epilogue fusion into a user kernel) and does not autotune them.
+Exposing them through ``torch.library.triton_op`` + ``wrap_triton`` would let inductor see the
+Triton source and launch them directly (no Python dispatch; CUDA-graph friendly), but still not fuse
+pointwise ops into them; it also fails under ``TRITON_INTERPRET=1`` when traced (fake tensors have
+no data pointer), which is why the interpreter path must stay the opaque custom op. The LLM.int8()
+path needs no host sync (the outlier count stays on the device), so it is CUDA-graph capturable.
+"""

@@ -89,7 +89,7 @@ def llm_int8_compact_kernel(
     K,
     BLOCK: tl.constexpr,
 ):
-    base = 0
+    base = tl.full([], 0, tl.int32)  # a tensor from the start: loop-carried types must not change
     for k0 in range(0, K, BLOCK):
         rk = k0 + tl.arange(0, BLOCK)
         flag = tl.load(flags_ptr + rk, mask=rk < K, other=0).to(tl.int32)
