@@ -4,12 +4,13 @@ symmetric int8 weights, int8 x int8 ``tl.dot`` with int32 accumulation.
 Activation quantization (one program per row, the whole row in registers, one read of x)::
 
     lo = min(min(x_row), 0); hi = max(max(x_row), 0)      # the range always holds 0
-    scale = (hi - lo) / 255            (1.0 for an all-zero row)
+    scale = max((hi - lo) / 255, fp32 eps)
     zp    = round(-lo / scale) - 128   (in [-128, 127] because the range holds 0)
     q     = clamp(round(x / scale) + zp, -128, 127)
 
-Including 0 in the range (torchao's convention) keeps zp inside int8 and makes a constant row
-well defined; for rows that straddle 0 (the usual case) it is exactly ``(max - min) / 255``.
+Including 0 in the range (torchao's convention, and qcompile.ops.int8_common's) keeps zp inside
+int8 and makes a constant row well defined; for rows that straddle 0 (the usual case) it is exactly
+``(max - min) / 255``.
 
 GEMM: ``x ~ (q - zp) * scale`` and ``W ~ w * wscale``, so
 ``y[m, n] = scale[m] * wscale[n] * (sum_k q[m,k] w[n,k] - zp[m] * sum_k w[n,k]) + bias[n]``.
@@ -51,8 +52,8 @@ def w8a8_quant_kernel(
     # Masked lanes read 0, which the range holds anyway.
     lo = tl.minimum(tl.min(x, axis=0), 0.0)
     hi = tl.maximum(tl.max(x, axis=0), 0.0)
-    scale = tl.math.div_rn(hi - lo, 255.0)
-    scale = tl.where(scale == 0.0, 1.0, scale)
+    # At least fp32 eps (as qcompile.ops' reference), so an all-zero row is harmless.
+    scale = tl.maximum(tl.math.div_rn(hi - lo, 255.0), 1.1920928955078125e-07)
     zp = rint(tl.math.div_rn(-lo, scale)) - 128.0
     q = rint(tl.math.div_rn(x, scale)) + zp
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)

@@ -34,8 +34,7 @@ def w8a8_quantize(x2):
     xf = x2.float()
     lo = xf.amin(1).clamp(max=0)
     hi = xf.amax(1).clamp(min=0)
-    scale = (hi - lo) / 255
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps)
     zp = torch.round(-lo / scale) - 128
     q = torch.clamp(torch.round(xf / scale[:, None]) + zp[:, None], -128, 127)
     return q.to(torch.int8), scale, zp.to(torch.int32)

@@ -68,7 +68,7 @@ def test_w8a8_activation_quantization_exact():
 
     x = _x(17, torch.float32)
     x[1] = x[1].abs() + 0.5  # all positive: the range is extended down to 0
-    x[2] = 0.0  # all zero: scale 1, zero point -128
+    x[2] = 0.0  # all zero: scale eps, zero point -128
     x[3] = -x[3].abs()
     q, scale, zp = quantize_activations(x)
     q_ref, scale_ref, zp_ref = ref.w8a8_quantize(x)
@@ -193,3 +193,16 @@ def test_cuda_large_int8_family(m):
     ):
         cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0)
         assert cos > 0.9999
+
+
+@requires_interpreter
+def test_activation_quantizers_match_the_ops_reference_when_present():
+    common = pytest.importorskip("qcompile.ops.int8_common")
+    from qcompile.codegen.w8a8_dynamic import quantize_activations
+
+    x = _x(17, torch.float32, outliers=True)
+    x[2] = 0.0
+    got = quantize_activations(x)
+    want = common.quantize_per_token_asymmetric(x)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
