@@ -138,3 +138,7 @@ def int8_weight_only(
     _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
                     DOT_PRECISION=precision, INTERPRET=interpret)
     return y.reshape(out_shape)
+
+
+# The name qcompile.ops.linear_int8_weight_only looks up.
+linear_int8_weight_only = int8_weight_only

@@ -226,3 +226,7 @@ def w8a8_dynamic(
     _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
                     INTERPRET=autotune.interpreting())
     return y.reshape(out_shape)
+
+
+# The name qcompile.ops.linear_w8a8_dynamic looks up.
+linear_w8a8_dynamic = w8a8_dynamic

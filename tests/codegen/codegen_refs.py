@@ -56,7 +56,7 @@ def llm_int8(x, weight, scb, bias, threshold):
 
     x2 = x.reshape(-1, x.shape[-1])
     qa, row_stats, cols = F.int8_vectorwise_quant(x2.to(torch.float16), threshold=threshold)
-    y = (qa.float() @ weight.float().T) * row_stats[:, None] * scb.float()[None, :] / (127 * 127)
+    y = (qa.float() @ weight.float().T) * (row_stats[:, None] * scb.float()[None, :]) * 6.200124e-05
     if bias is not None:
         y = y + bias.float()
     if cols is not None and cols.numel():
