@@ -1,0 +1,149 @@
+"""qcompile against bitsandbytes on CPU, for real: pack throughput and the compiled NF4 linear forward.
+
+    python -m benchmarks.cpu_compare [--out benchmarks/results/cpu_compare.json] [--shapes 4096x4096] [--m 1,16]
+
+* Pack: ``benchmarks.pack_throughput`` (qcompile.pack against ``bitsandbytes.functional.quantize_4bit`` /
+  ``int8_vectorwise_quant``), GB/s of input weight.
+* Forward: a bias-free ``nn.Linear(K, N)`` compiled with ``torch.compile(backend="qcompile")`` (NF4 +
+  double quant, compute dtype = activation dtype, ``kernels="reference"``, inductor behind it) against
+  ``bnb.nn.Linear4bit`` with the same settings, run as bitsandbytes users run it (eager) and, when it
+  compiles, under ``torch.compile`` (inductor). The dense ``F.linear`` is timed alongside for scale.
+  Times are medians over interleaved rounds (one call of each per round), so background load on a
+  shared machine hits every contender alike. Compile time (first call) is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.pack_throughput import machine_info
+from benchmarks.pack_throughput import run as pack_run
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_compare.json"
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """{name: {median_s, min_s}} over ``reps`` rounds that call every function once each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
+
+
+def _timed_first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_bnb: bool) -> dict[str, Any]:
+    """One (shape, M, dtype): qcompile compiled NF4 forward vs bitsandbytes Linear4bit, plus dense."""
+    import bitsandbytes as bnb
+
+    import qcompile
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+    linear.weight.normal_(0.0, 0.02)
+    x = torch.randn(m, k, dtype=dtype)
+    scheme = qcompile.NF4(blocksize=64, double_quant=True, compute_dtype=dtype)
+    options = {"config": qcompile.QuantConfig(default=scheme), "kernels": "reference"}
+    compiled = torch.compile(linear, backend="qcompile", options=options, dynamic=False)
+
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    layer.load_state_dict({"weight": linear.weight.detach().clone()})
+    layer = layer.to("cpu").requires_grad_(False)  # .to quantizes, as for bitsandbytes users
+
+    row: dict[str, Any] = {"shape": [n, k], "M": m, "dtype": str(dtype).removeprefix("torch."),
+                           "scheme": "nf4 double_quant blocksize 64, compute dtype = activation dtype"}
+    fns: dict[str, Callable[[], Any]] = {}
+    with torch.no_grad():
+        y_q, row["qcompile_compile_s"] = _timed_first_call(lambda: compiled(x))
+        y_b = layer(x)
+        row["rel_diff_qcompile_vs_bnb"] = ((y_q.float() - y_b.float()).norm() / y_b.float().norm()).item()
+        fns["qcompile_compiled"] = lambda: compiled(x)
+        fns["bnb_linear4bit_eager"] = lambda: layer(x)
+        if compile_bnb:
+            try:
+                bnb_compiled = torch.compile(layer, backend="inductor", dynamic=False)
+                _, row["bnb_compile_s"] = _timed_first_call(lambda: bnb_compiled(x))
+                fns["bnb_linear4bit_compiled"] = lambda: bnb_compiled(x)
+            except Exception as exc:  # noqa: BLE001 - bnb under torch.compile is optional, the eager number stands
+                row["bnb_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        fns["dense_f_linear"] = lambda: F.linear(x, linear.weight)
+        row["timings"] = interleaved_medians(fns, reps)
+    t = row["timings"]
+    row["speedup_qcompile_vs_bnb_eager"] = t["bnb_linear4bit_eager"]["median_s"] / t["qcompile_compiled"]["median_s"]
+    if "bnb_linear4bit_compiled" in t:
+        row["speedup_qcompile_vs_bnb_compiled"] = (t["bnb_linear4bit_compiled"]["median_s"]
+                                                   / t["qcompile_compiled"]["median_s"])
+    return row
+
+
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in text.split(","):
+        rows, cols = item.lower().split("x")
+        out.append((int(rows), int(cols)))
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--shapes", type=_shapes, default=((4096, 4096),), help="NxK list, e.g. 4096x4096,14336x4096")
+    parser.add_argument("--m", default="1,16", help="activation rows")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds of the forward comparison")
+    parser.add_argument("--pack-repeats", type=int, default=3)
+    parser.add_argument("--no-bnb-compile", action="store_true", help="skip torch.compile of bnb Linear4bit")
+    args = parser.parse_args(argv)
+    dtypes = tuple(getattr(torch, d.strip()) for d in args.dtypes.split(","))
+    ms = tuple(int(v) for v in args.m.split(","))
+
+    print("pack throughput (GB/s of input weight):")
+    pack = pack_run(args.shapes, tuple(str(d).removeprefix("torch.") for d in dtypes), args.pack_repeats)
+    print("compiled NF4 linear forward:")
+    forward = []
+    for n, k in args.shapes:
+        for dtype in dtypes:
+            for m in ms:
+                row = forward_case(n, k, m, dtype, args.reps, not args.no_bnb_compile)
+                forward.append(row)
+                t = row["timings"]
+                line = "  ".join(f"{name} {v['median_s'] * 1e3:8.3f} ms" for name, v in t.items())
+                print(f"{n}x{k} M={m:<3d} {row['dtype']:8s} {line}  qcompile/bnb-eager "
+                      f"x{row['speedup_qcompile_vs_bnb_eager']:.2f}")
+    doc = {
+        "benchmark": "cpu_compare",
+        "machine": machine_info(),
+        "load_average_1_5_15min_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "pack": pack,
+        "forward": {"reps": args.reps, "unit": "seconds per call (median of interleaved rounds)",
+                    "results": forward},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
