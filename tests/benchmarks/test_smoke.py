@@ -1,0 +1,92 @@
+"""The benchmarks run end to end on CPU (--smoke) and write the documented JSON and PNG files.
+
+Kept small (one tiny shape, M=1, a 1-layer model with the eager inner compiler) so the file runs
+in well under a minute on two cores; the Triton kernels run in the interpreter (conftest sets
+TRITON_INTERPRET=1 without CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+
+def test_kernels_smoke_writes_json_and_plots(tmp_path):
+    from benchmarks import kernels
+
+    assert kernels.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_a", "--m", "1",
+                         "--schemes", "nf4_dq,llm_int8"]) == 0
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    for key in ("environment", "peaks", "results", "goals", "plots", "shapes", "ms", "schemes"):
+        assert key in doc
+    for key in ("device", "torch", "triton", "bitsandbytes"):
+        assert key in doc["environment"]
+    assert doc["peaks"]["copy_gbps"] > 0 and doc["peaks"]["bf16_tflops"] > 0
+    rows = doc["results"]
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    impls = {(r["scheme"], r["impl"]) for r in rows}
+    expected = {("bf16", "torch"), ("nf4_dq", "reference"), ("nf4_dq", "triton"), ("llm_int8", "reference"),
+                ("llm_int8", "triton")}
+    assert expected <= impls
+    for r in rows:
+        for key in ("median_s", "tflops", "gbps", "pct_roofline", "speedup_vs_bf16", "roofline_s"):
+            assert key in r and r[key] > 0, (key, r)
+    triton_rows = [r for r in rows if r["impl"] == "triton"]
+    # The autotune record names the kernel and the config that ran (the interpreter's, untuned).
+    assert all(r["autotune"] and r["autotune"][0]["config"]["kwargs"] for r in triton_rows)
+    assert all(r["rel_err_vs_bf16"] < 0.2 for r in rows if "rel_err_vs_bf16" in r)
+    assert all(g["met"] is None for g in doc["goals"])  # smoke runs are not judged
+    for name in ("kernels_speedup.png", "kernels_roofline.png"):
+        assert (tmp_path / name).stat().st_size > 0 and name in doc["plots"]
+
+
+def test_e2e_smoke_writes_json_and_plot(tmp_path):
+    from benchmarks import e2e
+
+    args = ["--smoke", "--out", str(tmp_path), "--layers", "1", "--inner", "eager", "--batches", "1,2",
+            "--prefill", "16", "--steps", "2", "--warmup", "1", "--reps", "1", "--strict"]
+    assert e2e.main(args) == 0
+    doc = json.loads((tmp_path / "e2e.json").read_text())
+    for key in ("environment", "model", "settings", "results", "goals", "plots"):
+        assert key in doc
+    variants = {r["variant"]: r for r in doc["results"]}
+    assert set(variants) == set(e2e.VARIANTS)
+    for name, row in variants.items():
+        if "skipped" in row:  # bitsandbytes missing
+            assert name == "bnb_nf4"
+            continue
+        assert row["prefill"]["tokens_per_s"] > 0 and row["prefill"]["next_token_valid"]
+        assert [d["batch"] for d in row["decode"]] == [1, 2]
+        assert all(d["tokens_per_s"] > 0 for d in row["decode"])
+    assert "speedup_vs_inductor_bf16" in variants["qcompile_nf4_dq"]["decode"][0]
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_cli_bench_finds_the_checkout_and_fails_clearly_without_it(tmp_path, monkeypatch, capsys):
+    from qcompile import cli
+
+    assert cli.find_source_checkout() is not None
+    assert cli.main([]) == 0 and "bench" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "qcompile" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.SOURCE_ENV, raising=False)
+    assert cli.find_source_checkout() is None
+    with pytest.raises(SystemExit, match="source checkout"):
+        cli.main(["bench", "--smoke"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_kernels_gpu_one_case(tmp_path):
+    from benchmarks import kernels
+
+    assert kernels.main(["--out", str(tmp_path), "--shapes", "qo_proj", "--m", "1", "--schemes", "nf4_dq",
+                         "--strict"]) == 0
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    row = next(r for r in doc["results"] if r["scheme"] == "nf4_dq")
+    assert row["autotune"] and row["rel_err_vs_bf16"] < 0.2
