@@ -22,6 +22,7 @@ from torch import fx
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
+from qcompile.ops.dispatch import KERNELS
 from qcompile.pack_cache import packed_weight, release_parameter
 from qcompile.passes.plan import SitePlan
 from qcompile.passes.rewrite_linear import rewrite_linears
@@ -30,7 +31,6 @@ from qcompile.report import Plan, rows_for
 
 log = logging.getLogger("qcompile")
 
-KERNELS = ("auto", "reference", "triton")
 INNER = ("inductor", "eager")
 _OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "on_plan")
 

@@ -3,9 +3,8 @@
 
 import torch
 
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 from qcompile.ops.int8_common import int8_matmul, quantize_per_token_asymmetric
-from qcompile.ops.linear_int8_weight_only import dequantize_per_channel
+from qcompile.ops.per_channel_int8 import define_per_channel_int8_op
 
 
 def linear_w8a8_dynamic_reference(
@@ -32,52 +31,8 @@ def linear_w8a8_dynamic_reference(
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-# Spelled out so that sizes are `int`, not the `SymInt` custom_op would infer; other
-# components (the rewrite pass, codegen) depend on this exact signature.
-SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str kernels) -> Tensor"
+linear_w8a8_dynamic = define_per_channel_int8_op(
+    "linear_w8a8_dynamic", linear_w8a8_dynamic_reference, "w8a8_dynamic",
+    "W8A8 linear: weight int8 [N, K], weight_scale float32 [N]; x (..., K) is quantized per token at run time. "
+    "The gradient is straight-through the activation quantization.",
 )
-
-
-@torch.library.custom_op("qcompile::linear_w8a8_dynamic", mutates_args=(), schema=SCHEMA)
-def linear_w8a8_dynamic(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    kernels: str,
-) -> torch.Tensor:
-    """W8A8 linear: weight int8 [N, K], weight_scale float32 [N]; x (..., K) is quantized per token."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's in_features {weight.shape[1]}")
-    if use_triton(kernels, x):
-        return triton_kernel("w8a8_dynamic", "linear_w8a8_dynamic")(x, weight, weight_scale, bias)
-    return linear_w8a8_dynamic_reference(x, weight, weight_scale, bias)
-
-
-@linear_w8a8_dynamic.register_fake
-def _(x, weight, weight_scale, bias, kernels):
-    check_kernels(kernels)
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "x: last dimension does not match the weight")
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, weight_scale, bias, _kernels = inputs
-    ctx.save_for_backward(weight, weight_scale)
-    ctx.x_dtype = x.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward(ctx, grad):
-    # Straight-through for the activation quantization: d/dx through the dequantized weight.
-    weight, weight_scale = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad.to(ctx.x_dtype) @ dequantize_per_channel(weight, weight_scale, ctx.x_dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = grad.reshape(-1, weight.shape[0]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None
-
-
-linear_w8a8_dynamic.register_autograd(_backward, setup_context=_setup_context)
