@@ -308,7 +308,7 @@ def _goals(rows: list[dict[str, Any]], judged: bool) -> list[dict[str, Any]]:
 
 # ---- plots / command line ----------------------------------------------------------------------
 
-def plot(doc: dict[str, Any], out_dir: Path) -> Path:
+def plot(doc: dict[str, Any], out_dir: Path, model: str) -> Path:
     """e2e.png: decode tokens/s per batch and prefill tokens/s, one bar per variant."""
     import matplotlib
 
@@ -334,7 +334,7 @@ def plot(doc: dict[str, Any], out_dir: Path) -> Path:
     fig.suptitle(f"{m['size']} shapes, {m['num_hidden_layers']} layers on {doc['environment']['device']} "
                  f"(mode {doc['settings']['mode']})", fontsize=10)
     fig.tight_layout()
-    path = out_dir / "e2e.png"
+    path = out_dir / ("e2e.png" if doc["smoke"] else f"e2e_{model}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -363,6 +363,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="compiler behind qcompile; 'eager' also makes inductor_bf16 use aot_eager (fast checks)")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, few tokens")
     p.add_argument("--strict", action="store_true", help="stop at the first failing variant")
+    p.add_argument("--fresh", action="store_true",
+                   help="overwrite the JSON instead of merging this run's variants into it")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<device>)")
     return p
 
@@ -390,15 +392,40 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # Prefill, decode at each batch size: a few static shapes per variant, beyond dynamo's default of 8
     # when a variant recompiles after releasing its weights.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    doc = run(args, device)
-    doc["plots"] = [plot(doc, args.out).name]
+    with torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 32)):
+        doc = run(args, device)
     name = "e2e.json" if args.smoke else f"e2e_{args.model}.json"
     path = args.out / name
+    if not args.fresh:
+        doc = merge(path, doc)
+    doc["plots"] = [plot(doc, args.out, args.model).name]
     path.write_text(json.dumps(doc, indent=1) + "\n")
     _summary(doc)
     print(f"wrote {path} and {', '.join(doc['plots'])}")
     return 0
+
+
+def merge(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` plus the variants of an earlier file at ``path`` that this run did not measure.
+
+    Variants compile for minutes each at 8B shapes, so a session with a per-command time limit runs
+    them one ``--variants`` at a time. Only a file with the same device, versions, model and settings
+    is merged.
+    """
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return doc
+    env_keys = ("device", "torch", "triton", "bitsandbytes", "transformers")
+    if (not isinstance(old, dict) or old.get("benchmark") != "e2e" or old.get("model") != doc["model"]
+            or old.get("settings") != doc["settings"]
+            or any(old.get("environment", {}).get(k) != doc["environment"][k] for k in env_keys)):
+        return doc
+    done = {r["variant"] for r in doc["results"]}
+    rows = [r for r in old.get("results", []) if r["variant"] not in done] + doc["results"]
+    rows.sort(key=lambda r: VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 99)
+    _relative(rows)
+    return {**doc, "results": rows, "goals": _goals(rows, judged=not doc["smoke"])}
 
 
 def _summary(doc: dict[str, Any]) -> None:

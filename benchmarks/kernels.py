@@ -400,7 +400,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="sets QCOMPILE_AUTOTUNE for this run")
     parser.add_argument("--no-baselines", action="store_true", help="skip bitsandbytes")
     parser.add_argument("--strict", action="store_true", help="stop at the first failing case")
+    parser.add_argument("--fresh", action="store_true",
+                        help="overwrite kernels.json instead of merging this run's rows into it")
     return parser
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (nothing when value is None), restored after."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -409,8 +428,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not cuda:
         # Triton reads this when the kernels are decorated (first import of qcompile.codegen).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if args.autotune:
-        os.environ["QCOMPILE_AUTOTUNE"] = args.autotune
     device = torch.device("cuda" if cuda else "cpu")
     all_shapes = SMOKE_SHAPES if args.smoke else LLAMA3_8B_SHAPES
     if args.shapes:
@@ -428,14 +445,56 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             return 2
         args.out = RESULTS_DIR / ("gpu" if cuda else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = run(all_shapes, ms, args.schemes, impls, device, smoke=args.smoke, baselines=not args.no_baselines,
-              strict=args.strict)
-    doc["plots"] = [p.name for p in plot(doc, args.out)]
+    with _env("QCOMPILE_AUTOTUNE", args.autotune):
+        doc = run(all_shapes, ms, args.schemes, impls, device, smoke=args.smoke, baselines=not args.no_baselines,
+                  strict=args.strict)
     path = args.out / "kernels.json"
+    if not args.fresh:
+        doc = merge(path, doc)
+    doc["plots"] = [p.name for p in plot(doc, args.out)]
     path.write_text(json.dumps(doc, indent=1) + "\n")
     _summary(doc)
     print(f"wrote {path} and {', '.join(doc['plots'])}")
     return 0
+
+
+def merge(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with the rows of an earlier ``kernels.json`` at ``path`` that this run did not measure.
+
+    A sweep split into several commands (``--schemes``, ``--shapes``, ``--m``) accumulates into one file.
+    Only a file from the same device, library versions and smoke setting is merged; rows keep the
+    roofline of the run that measured them, ``runs`` lists every run's peaks.
+    """
+    keys = ("device", "torch", "triton", "bitsandbytes")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+    this_run = {"peaks": doc["peaks"], "schemes": doc["schemes"], "ms": doc["ms"],
+                "shapes": [s["name"] for s in doc["shapes"]]}
+    if (not isinstance(old, dict) or old.get("benchmark") != "kernels" or old.get("smoke") != doc["smoke"]
+            or any(old.get("environment", {}).get(k) != doc["environment"][k] for k in keys)):
+        doc["runs"] = [this_run]
+        return doc
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["shape"], r["M"], r["scheme"], r["impl"])
+
+    new_keys = {key(r) for r in doc["results"]}
+    rows = [r for r in old.get("results", []) if key(r) not in new_keys] + doc["results"]
+    rows.sort(key=lambda r: (r["shape"], r["M"]))
+    shapes = {s["name"]: s for s in [*old.get("shapes", []), *doc["shapes"]]}
+    order = [s[0] for s in (*LLAMA3_8B_SHAPES, *SMOKE_SHAPES)]
+    merged = {
+        **doc,
+        "shapes": sorted(shapes.values(), key=lambda s: order.index(s["name"]) if s["name"] in order else 99),
+        "ms": sorted(set(old.get("ms", [])) | set(doc["ms"])),
+        "schemes": list(dict.fromkeys([*old.get("schemes", []), *doc["schemes"]])),
+        "runs": [*old.get("runs", []), this_run],
+        "results": rows,
+    }
+    merged["goals"] = goals(rows, judged=not doc["smoke"])
+    return merged
 
 
 def _summary(doc: dict[str, Any]) -> None:

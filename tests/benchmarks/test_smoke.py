@@ -19,11 +19,14 @@ pytest.importorskip("transformers")
 def test_kernels_smoke_writes_json_and_plots(tmp_path):
     from benchmarks import kernels
 
-    assert kernels.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_a", "--m", "1",
-                         "--schemes", "nf4_dq,llm_int8"]) == 0
+    # Two commands into one folder: the second run's rows merge into the first run's file.
+    for scheme in ("nf4_dq", "llm_int8"):
+        assert kernels.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_a", "--m", "1",
+                             "--schemes", scheme]) == 0
     doc = json.loads((tmp_path / "kernels.json").read_text())
-    for key in ("environment", "peaks", "results", "goals", "plots", "shapes", "ms", "schemes"):
+    for key in ("environment", "peaks", "results", "goals", "plots", "shapes", "ms", "schemes", "runs"):
         assert key in doc
+    assert doc["schemes"] == ["nf4_dq", "llm_int8"] and len(doc["runs"]) == 2
     for key in ("device", "torch", "triton", "bitsandbytes"):
         assert key in doc["environment"]
     assert doc["peaks"]["copy_gbps"] > 0 and doc["peaks"]["bf16_tflops"] > 0
