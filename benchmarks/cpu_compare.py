@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", default="1,16", help="activation rows")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds of the forward comparison")
-    parser.add_argument("--pack-repeats", type=int, default=3)
+    parser.add_argument("--pack-repeats", type=int, default=5)
     parser.add_argument("--no-bnb-compile", action="store_true", help="skip torch.compile of bnb Linear4bit")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d.strip()) for d in args.dtypes.split(","))
     ms = tuple(int(v) for v in args.m.split(","))
 
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     print("pack throughput (GB/s of input weight):")
     pack = pack_run(args.shapes, tuple(str(d).removeprefix("torch.") for d in dtypes), args.pack_repeats)
     print("compiled NF4 linear forward:")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "cpu_compare",
         "machine": machine_info(),
+        "load_average_1_5_15min_at_start": load_start,
         "load_average_1_5_15min_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "pack": pack,
         "forward": {"reps": args.reps, "unit": "seconds per call (median of interleaved rounds)",
