@@ -99,13 +99,14 @@ def rewrite_linears(
 
 def _erase_if_dead(graph: fx.Graph, site) -> None:
     """Remove a now-unused ``W.t()`` that fed the replaced matmul (placeholders stay: dynamo passes them)."""
-    for node in list(graph.nodes):
-        if node.op in ("call_method", "call_function") and not node.users and node.args and \
-                node.args[0] is site.weight_node and node.op != "output":
-            if node.target in ("t", torch.t, getattr):
-                graph.erase_node(node)
+    if site.weight_node is None:
+        return
+    for user in list(site.weight_node.users):
+        if not user.users and user.op in ("call_method", "call_function") and user.target in ("t", torch.t, getattr):
+            graph.erase_node(user)
 
 
-def parameter_fully_rewritten(site_weight_node: fx.Node | None) -> bool:
-    """True when nothing left in the graph reads the weight placeholder."""
-    return site_weight_node is not None and site_weight_node.op == "placeholder" and not site_weight_node.users
+def weight_fully_rewritten(site) -> bool:
+    """True when nothing left in the graph reads the site's weight placeholder."""
+    node = site.weight_node
+    return node is not None and node.op == "placeholder" and not node.users

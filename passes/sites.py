@@ -55,12 +55,6 @@ class LinearSite:
             return self.node.name
         return f"{self.module_name}.{self.param_name}" if self.module_name else str(self.param_name)
 
-    def linear_weight(self) -> torch.Tensor:
-        """The weight in (out_features, in_features) layout."""
-        if self.parameter is None:
-            raise ValueError(f"{self.qualified_name}: no weight tensor behind this site")
-        return self.parameter.t() if self.transposed else self.parameter
-
 
 _TOKEN = re.compile(
     r"\._(?:modules|parameters|buffers)\['(?P<dict_key>[^']+)'\]"  # _modules['fc1']

@@ -25,7 +25,7 @@ from qcompile.config import QuantConfig
 from qcompile.ops.dispatch import KERNELS
 from qcompile.pack_cache import packed_weight, release_parameter
 from qcompile.passes.plan import SitePlan
-from qcompile.passes.rewrite_linear import rewrite_linears
+from qcompile.passes.rewrite_linear import rewrite_linears, weight_fully_rewritten
 from qcompile.passes.sites import find_linear_sites
 from qcompile.report import Plan, rows_for
 
@@ -102,11 +102,8 @@ def quantize_graph(
                     "freeze them (requires_grad_(False)) or skip them in the config", len(trainable), trainable[0])
     releasable = []
     if opts.release_weights:
-        for site_plan in rewritten:
-            site = site_plan.site
-            # Only a weight nothing else in this graph reads (no tied embedding, say) is released.
-            if site.weight_node is not None and site.weight_node.op == "placeholder" and not site.weight_node.users:
-                releasable.append(site.parameter)
+        # Only a weight nothing else in this graph reads (no tied embedding, say) is released.
+        releasable = [p.site.parameter for p in rewritten if weight_fully_rewritten(p.site)]
     return plan, releasable
 
 

@@ -268,3 +268,29 @@ def test_seed_config_bf16_compute_matches_reference_model():
     assert [type(m).__name__ for m in dequantized_model(model, config).children()] == \
         ["DequantizedLinear", "DequantizedLinear", "Linear"]
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_release_keeps_a_weight_something_else_reads():
+    """A weight tied to an embedding is quantized for the linear but must stay for the lookup."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(64, 32)
+            self.out = torch.nn.Linear(32, 64, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.out(self.embed(ids))
+
+    model = Tied()
+    ids = torch.tensor([[1, 5, 9]])
+    rec = Recorder()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="qcompile",
+                                 options=rec.options(QuantConfig(default=FP32_NF4, rules=()), release_weights=True))
+        first, second = compiled(ids), compiled(ids)
+    assert rec.op_count() == 1
+    assert model.embed.weight.untyped_storage().nbytes() == 64 * 32 * 4
+    torch.testing.assert_close(first, second)
+    assert torch.isfinite(first).all()
