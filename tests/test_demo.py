@@ -1,0 +1,13 @@
+"""The demo runs (eager inner compiler, one layer) and reports what it promises."""
+
+from qcompile.demo import main
+
+
+def test_demo_prints_plan_memory_error_and_tokens(capsys):
+    main(["--inner", "eager", "--layers", "1", "--tokens", "2"])
+    out = capsys.readouterr().out
+    assert "7 of 8 linear sites quantized" in out
+    assert "skip: skipped by rule '*lm_head*'" in out
+    assert "bits per weight" in out
+    assert "max abs diff 0," in out  # eager inner: the compiled model equals the reference exactly
+    assert "generate(): 2 new tokens" in out
