@@ -16,7 +16,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast
+from qcompile.codegen._tl_utils import dot_f32, grouped_tile, load_tile, load_tile_t, store_tile
 
 FN = "int8_weight_only"
 
@@ -42,37 +42,21 @@ def int8_weight_only_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        q = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        x = load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm)
+        q = load_tile_t(w_ptr, rn, rk, n_mask, k_mask, stride_wn)
         if INTERPRET:
-            # The interpreter's bf16 tl.dot (and int8 -> bf16 cast) work on raw bit patterns; fp32
-            # operands give the same products and sum.
-            x = x.to(tl.float32)
+            # The interpreter's int8 -> bf16 cast works on raw bit patterns; dot_f32 takes fp32 there.
             w = q.to(tl.float32)
         else:
             w = q.to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
     acc = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
 
 
 _ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_wn", "stride_ym"]

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast
+from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, store_tile
 
 FN = "linear_4bit"
 GEMV_MAX_M = 4
@@ -105,8 +105,7 @@ def linear_4bit_gemv_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < k_end
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        x = cast(x, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+        x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET).to(tl.float32)
         w_mask = n_mask[:, None] & k_mask[None, :]
         w = _dequant_4bit(
             rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
@@ -154,41 +153,19 @@ def linear_4bit_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     """y [M, N] (x.dtype) = x [M, K] @ W.T (+ bias), W dequantized tile by tile in registers."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles walk the N tiles together, so weight tiles stay in L2.
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        x = cast(x, COMPUTE_DTYPE, INTERPRET)
+        x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
         w = _dequant_4bit(
             rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
             nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
         )
         w = cast(w, COMPUTE_DTYPE, INTERPRET)
-        if INTERPRET:
-            # Same products (16-bit x 16-bit is exact in fp32) and fp32 sum; works around the
-            # interpreter's bf16 tl.dot, which multiplies the raw uint16 bit patterns.
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+        acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
 
 
 # ---- configs --------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast, rint
+from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, load_tile_t, rint, store_tile
 from qcompile.codegen.w8a8_dynamic import int8_gemm_spaces
 
 FN = "linear_int8"
@@ -128,27 +128,16 @@ def llm_int8_gemm_kernel(
     GROUP_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        a = tl.load(q_ptr + rm[:, None] * stride_qm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        a = load_tile(q_ptr, rm, rk, m_mask, k_mask, stride_qm)
         if HAS_OUTLIERS:
             flag = tl.load(flags_ptr + rk, mask=k_mask, other=0)
             a = tl.where(flag[None, :] != 0, 0, a).to(tl.int8)
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        b = load_tile_t(w_ptr, rn, rk, n_mask, k_mask, stride_wn)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     row_stats = tl.load(row_stats_ptr + rm, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
@@ -164,21 +153,12 @@ def llm_int8_gemm_kernel(
             ro = o0 + tl.arange(0, BLOCK_O)
             o_mask = ro < n_out
             cols = tl.load(cols_ptr + ro, mask=o_mask, other=0)
-            xo = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None] & o_mask[None, :],
-                         other=0.0)
-            wq = tl.load(w_ptr + rn[None, :] * stride_wn + cols[:, None], mask=o_mask[:, None] & n_mask[None, :],
-                         other=0)
+            xo = load_tile(x_ptr, rm, cols, m_mask, o_mask, stride_xm)
+            wq = load_tile_t(w_ptr, rn, cols, n_mask, o_mask, stride_wn)
             wo = cast(wq.to(tl.float32) * w_deq_scale[None, :], x_dtype, INTERPRET)
-            if INTERPRET:
-                # The interpreter's bf16 tl.dot multiplies raw bit patterns; fp32 operands give the same sum.
-                xo = xo.to(tl.float32)
-                wo = wo.to(tl.float32)
-            acc_o = tl.dot(xo, wo, acc_o, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            acc_o = dot_f32(xo, wo, acc_o, DOT_PRECISION, INTERPRET)
         out += acc_o
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
 
 
 _ARGS = [

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast, rint
+from qcompile.codegen._tl_utils import grouped_tile, load_tile, load_tile_t, rint, store_tile
 
 FN = "w8a8_dynamic"
 MAX_ROW = 65536  # the quantization kernel keeps a whole row in registers
@@ -84,35 +84,21 @@ def w8a8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        a = tl.load(q_ptr + rm[:, None] * stride_qm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+        a = load_tile(q_ptr, rm, rk, m_mask, k_mask, stride_qm)
+        b = load_tile_t(w_ptr, rn, rk, n_mask, k_mask, stride_wn)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         w_sum += tl.sum(b.to(tl.int32), axis=0)
     zp = tl.load(x_zp_ptr + rm, mask=m_mask, other=0)
     x_scale = tl.load(x_scale_ptr + rm, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
     out = (acc - zp[:, None] * w_sum[None, :]).to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, cast(out, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
 
 
 _ARGS = [
