@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from qcompile.codegen.autotune import interpreting
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Offsets inside the kernels are int32: the flat weight index n * K + k must fit.
 MAX_INT32 = 2**31 - 1
+MAX_ROW = 65536  # the activation quantization kernels keep a whole row in registers
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -94,6 +96,49 @@ def check_index_range(fn: str, out_features: int, in_features: int, m: int) -> N
         raise ValueError(
             f"{fn}: shape M={m}, N={out_features}, K={in_features} exceeds the int32 offsets these kernels use"
         )
+
+
+def check_int8_linear(
+    fn: str, kernel: Any, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Checked operands of the int8-weight linears: (x as (M, K), weight int8 (N, K) contiguous,
+    weight_scale fp32 (N,) contiguous, bias (N,) contiguous or None)."""
+    check_runnable(fn, kernel, x, weight, weight_scale, bias)
+    check_dtype(fn, "x", x, FLOAT_DTYPES)
+    check_dtype(fn, "weight", weight, (torch.int8,))
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    n, k = weight.shape
+    x2 = as_2d_input(fn, x, k)
+    check_index_range(fn, n, k, x2.shape[0])
+    weight = weight.contiguous()
+    check_dtype(fn, "weight_scale", weight_scale, FLOAT_DTYPES)
+    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    check_numel(fn, "weight_scale", weight_scale, n)
+    return x2, weight, weight_scale, check_bias(fn, bias, n)
+
+
+def row_launch(fn: str, k: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of a one-program-per-row kernel over rows of k elements held in registers."""
+    if k > MAX_ROW:
+        raise ValueError(f"{fn}: in_features {k} exceeds {MAX_ROW}, the longest row the quantization kernel holds")
+    block_k = next_power_of_2(k)
+    return block_k, 1 if interpreting() else min(16, max(1, block_k // 512))
+
+
+def grouped_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int, ...]]:
+    """Launch grid of the kernels using _tl_utils.grouped_tile: one program per output tile."""
+    import triton
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return grid
+
+
+def dot_precision(compute_dtype: torch.dtype, interpret: bool) -> str:
+    # fp32 compute uses IEEE dots, not TF32; the interpreter computes IEEE anyway.
+    return "ieee" if compute_dtype == torch.float32 or interpret else "tf32"
 
 
 def next_power_of_2(n: int) -> int:

@@ -92,20 +92,11 @@ def int8_weight_only(
 
     config: force one launch config (triton.Config or dict), bypassing tuning; for tests/benchmarks.
     """
-    common.check_runnable(FN, int8_weight_only_kernel, x, weight, weight_scale, bias)
-    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
-    common.check_dtype(FN, "weight", weight, (torch.int8,))
-    if weight.dim() != 2:
-        raise ValueError(f"{FN}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    x2, weight, weight_scale, bias = common.check_int8_linear(
+        FN, int8_weight_only_kernel, x, weight, weight_scale, bias
+    )
     n, k = weight.shape
-    x2 = common.as_2d_input(FN, x, k)
     m = x2.shape[0]
-    common.check_index_range(FN, n, k, m)
-    weight = weight.contiguous()
-    common.check_dtype(FN, "weight_scale", weight_scale, common.FLOAT_DTYPES)
-    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
-    common.check_numel(FN, "weight_scale", weight_scale, n)
-    bias = common.check_bias(FN, bias, n)
 
     out_shape = (*x.shape[:-1], n)
     if m == 0:
@@ -113,13 +104,9 @@ def int8_weight_only(
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     args = (x2, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
             x2.stride(0), weight.stride(0), y.stride(0))
-
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     interpret = autotune.interpreting()
-    precision = "ieee" if x.dtype == torch.float32 or interpret else "tf32"
-    _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
+    precision = common.dot_precision(x.dtype, interpret)
+    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
                     DOT_PRECISION=precision, INTERPRET=interpret)
     return y.reshape(out_shape)
 

@@ -316,12 +316,16 @@ def linear_4bit(
     consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
                   COMPUTE_DTYPE=common.tl_dtype(compute_dtype), INTERPRET=autotune.interpreting())
     bias_arg = bias if bias is not None else code
+    # GEMV split-K partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
+    if variant == "gemv":
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
+            x2.stride(0), y.stride(0), float(nested_offset))
 
     if variant == "gemv":
         block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
-                x2.stride(0), y.stride(0), float(nested_offset))
 
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:
             return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -329,13 +333,6 @@ def linear_4bit(
         _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
         return y.to(x.dtype).reshape(out_shape)
 
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
-            x2.stride(0), y.stride(0), float(nested_offset))
-
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    precision = "ieee" if compute_dtype == torch.float32 or consts["INTERPRET"] else "tf32"
-    _tuned("gemm").launch(grid, args, m, config=forced, DOT_PRECISION=precision, **consts)
+    precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
+    _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, **consts)
     return y.reshape(out_shape)

@@ -46,7 +46,7 @@ from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, l
 from qcompile.codegen.w8a8_dynamic import int8_gemm_spaces
 
 FN = "linear_int8"
-MAX_ROW = 65536  # the quantization kernel keeps a whole row in registers
+MAX_ROW = common.MAX_ROW  # the quantization kernel keeps a whole row in registers
 
 
 @triton.jit
@@ -202,14 +202,11 @@ def _fp16_threshold(threshold: float) -> float:
 def _quantize(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the fused activation kernel: (q with outlier columns NOT yet zeroed, row_stats, flags or None)."""
     m, k = x2.shape
-    if k > MAX_ROW:
-        raise ValueError(f"{FN}: in_features {k} exceeds {MAX_ROW}, the longest row the quantization kernel holds")
+    block_k, warps = common.row_launch(FN, k)
     q = torch.empty((m, k), device=x2.device, dtype=torch.int8)
     row_stats = torch.empty(m, device=x2.device, dtype=torch.float32)
     flags = torch.zeros(k, device=x2.device, dtype=torch.int8) if threshold > 0 else None
     if m:
-        block_k = common.next_power_of_2(k)
-        warps = 1 if autotune.interpreting() else min(16, max(1, block_k // 512))
         # enable_fp_fusion=False: x * inv must be rounded before rint's add (as torch does).
         llm_int8_quant_kernel[(m,)](
             x2, q, row_stats, flags if flags is not None else q, k, x2.stride(0), q.stride(0),
@@ -273,20 +270,9 @@ def linear_int8(
     config: force one GEMM launch config (triton.Config or dict), bypassing tuning.
     """
     threshold = _check_threshold(threshold)
-    common.check_runnable(FN, llm_int8_gemm_kernel, x, weight, weight_scale, bias)
-    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
-    common.check_dtype(FN, "weight", weight, (torch.int8,))
-    if weight.dim() != 2:
-        raise ValueError(f"{FN}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    x2, weight, weight_scale, bias = common.check_int8_linear(FN, llm_int8_gemm_kernel, x, weight, weight_scale, bias)
     n, k = weight.shape
-    x2 = common.as_2d_input(FN, x, k)
     m = x2.shape[0]
-    common.check_index_range(FN, n, k, m)
-    weight = weight.contiguous()
-    common.check_dtype(FN, "weight_scale", weight_scale, common.FLOAT_DTYPES)
-    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
-    common.check_numel(FN, "weight_scale", weight_scale, n)
-    bias = common.check_bias(FN, bias, n)
 
     out_shape = (*x.shape[:-1], n)
     if m == 0:
@@ -299,12 +285,8 @@ def linear_int8(
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     args = (q, weight, row_stats, weight_scale, bias if bias is not None else weight_scale, x2, flags, cols, count,
             y, m, n, k, q.stride(0), weight.stride(0), x2.stride(0), y.stride(0))
-
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
     interpret = autotune.interpreting()
-    precision = "ieee" if x.dtype == torch.float32 or interpret else "tf32"
-    _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
+    precision = common.dot_precision(x.dtype, interpret)
+    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
                     HAS_OUTLIERS=threshold > 0, DOT_PRECISION=precision, INTERPRET=interpret, BLOCK_O=32)
     return y.reshape(out_shape)

@@ -31,7 +31,7 @@ from qcompile.codegen import autotune
 from qcompile.codegen._tl_utils import grouped_tile, load_tile, load_tile_t, rint, store_tile
 
 FN = "w8a8_dynamic"
-MAX_ROW = 65536  # the quantization kernel keeps a whole row in registers
+MAX_ROW = common.MAX_ROW  # the quantization kernel keeps a whole row in registers
 
 
 @triton.jit
@@ -157,14 +157,11 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """(q int8 [M, K], scale fp32 [M], zero point int32 [M]) for a 2-D x with unit K stride."""
     common.check_runnable(FN, w8a8_quant_kernel, x2)
     m, k = x2.shape
-    if k > MAX_ROW:
-        raise ValueError(f"{FN}: in_features {k} exceeds {MAX_ROW}, the longest row the quantization kernel holds")
+    block_k, warps = common.row_launch(FN, k)
     q = torch.empty((m, k), device=x2.device, dtype=torch.int8)
     scale = torch.empty(m, device=x2.device, dtype=torch.float32)
     zp = torch.empty(m, device=x2.device, dtype=torch.int32)
     if m:
-        block_k = common.next_power_of_2(k)
-        warps = 1 if autotune.interpreting() else min(16, max(1, block_k // 512))
         # enable_fp_fusion=False: the rounding in rint must not fuse with the division's result.
         w8a8_quant_kernel[(m,)](x2, q, scale, zp, k, x2.stride(0), q.stride(0), BLOCK_K=block_k,
                                 num_warps=warps, enable_fp_fusion=False)
@@ -183,20 +180,9 @@ def w8a8_dynamic(
 
     config: force one GEMM launch config (triton.Config or dict), bypassing tuning.
     """
-    common.check_runnable(FN, w8a8_gemm_kernel, x, weight, weight_scale, bias)
-    common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
-    common.check_dtype(FN, "weight", weight, (torch.int8,))
-    if weight.dim() != 2:
-        raise ValueError(f"{FN}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    x2, weight, weight_scale, bias = common.check_int8_linear(FN, w8a8_gemm_kernel, x, weight, weight_scale, bias)
     n, k = weight.shape
-    x2 = common.as_2d_input(FN, x, k)
     m = x2.shape[0]
-    common.check_index_range(FN, n, k, m)
-    weight = weight.contiguous()
-    common.check_dtype(FN, "weight_scale", weight_scale, common.FLOAT_DTYPES)
-    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
-    common.check_numel(FN, "weight_scale", weight_scale, n)
-    bias = common.check_bias(FN, bias, n)
 
     out_shape = (*x.shape[:-1], n)
     if m == 0:
@@ -205,11 +191,7 @@ def w8a8_dynamic(
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     args = (q, weight, x_scale, x_zp, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
             q.stride(0), weight.stride(0), y.stride(0))
-
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    _tuned().launch(grid, args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
+    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
                     INTERPRET=autotune.interpreting())
     return y.reshape(out_shape)
 
