@@ -374,24 +374,31 @@ def as_config(value: Any) -> Any:
 
 # ---- GEMM config spaces shared by the tiled kernels -------------------------------------------
 
-def gemm_spaces() -> dict[str, list]:
-    """(Shared with the int8 GEMMs.) fast: 7 classic tiles; max: a 4 x 4 x 3 x 3 grid."""
-    cfg = config
+def tile_spaces(fast_tiles: Sequence[tuple[int, int, int, int, int]], block_ks: Sequence[int]) -> dict[str, list]:
+    """GROUP_M=8 tile spaces. fast: the given (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    tiles; max: BLOCK_M in 16..128 x BLOCK_N in 32..256 x ``block_ks`` x 2..4 stages."""
     fast = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3),
-        )
+        config(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in fast_tiles
     ]
     full = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
+        config(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4,
+               num_stages=s)
         for bm in (16, 32, 64, 128)
         for bn in (32, 64, 128, 256)
-        for bk in (32, 64, 128)
+        for bk in block_ks
         for s in (2, 3, 4)
     ]
     return {"fast": fast, "max": full}
+
+
+def gemm_spaces() -> dict[str, list]:
+    """(Shared with the int8 GEMMs.) fast: 7 classic tiles; max: a 4 x 4 x 3 x 3 grid."""
+    return tile_spaces(
+        ((16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+         (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3)),
+        (32, 64, 128),
+    )
 
 
 def gemm_useful(meta: dict[str, Any], named: dict[str, Any]) -> bool:

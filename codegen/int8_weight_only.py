@@ -8,6 +8,7 @@ is 16 rows tall (the smallest ``tl.dot`` tile); decode stays memory bound on the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,16 +69,12 @@ def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
     return stages * (bm * bk * x_bytes + bk * bn) + bk * bn * x_bytes
 
 
-_TUNED: dict[str, autotune.TunedKernel] = {}
-
-
+@functools.cache  # built on first use: nothing is benchmarked or read from disk at import
 def _tuned() -> autotune.TunedKernel:
-    if "gemm" not in _TUNED:
-        _TUNED["gemm"] = autotune.TunedKernel(
-            "int8_weight_only_gemm", int8_weight_only_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
-            autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
-        )
-    return _TUNED["gemm"]
+    return autotune.TunedKernel(
+        "int8_weight_only_gemm", int8_weight_only_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
+        autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+    )
 
 
 def int8_weight_only(

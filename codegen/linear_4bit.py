@@ -21,6 +21,7 @@ sum in fp32 (fp32 compute uses IEEE dots, not TF32), bias added in fp32, result 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -224,23 +225,17 @@ def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
     return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1)
 
 
-_TUNED: dict[str, autotune.TunedKernel] = {}
-
-
+@functools.cache  # built on first use: nothing is benchmarked or read from disk at import
 def _tuned(variant: str) -> autotune.TunedKernel:
-    # Built on first use: nothing is benchmarked or read from disk at import.
-    if variant not in _TUNED:
-        if variant == "gemv":
-            _TUNED[variant] = autotune.TunedKernel(
-                "linear_4bit_gemv", linear_4bit_gemv_kernel, _ARGS, _gemv_spaces(), _gemv_heuristic,
-                _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"], reset_to_zero=["y_ptr"],
-            )
-        else:
-            _TUNED[variant] = autotune.TunedKernel(
-                "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
-                autotune.gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
-            )
-    return _TUNED[variant]
+    if variant == "gemv":
+        return autotune.TunedKernel(
+            "linear_4bit_gemv", linear_4bit_gemv_kernel, _ARGS, _gemv_spaces(), _gemv_heuristic,
+            _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"], reset_to_zero=["y_ptr"],
+        )
+    return autotune.TunedKernel(
+        "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
+        autotune.gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
+    )
 
 
 # ---- entry point ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ Kernels:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ import triton.language as tl
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
 from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, load_tile_t, rint, store_tile
-from qcompile.codegen.w8a8_dynamic import int8_gemm_spaces
+from qcompile.codegen.w8a8_dynamic import int8_gemm_heuristic, int8_gemm_spaces
 
 FN = "linear_int8"
 MAX_ROW = common.MAX_ROW  # the quantization kernel keeps a whole row in registers
@@ -173,25 +174,12 @@ def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
     return stages * (bm * bk + bk * bn) + 32 * (bm + bn) * x_bytes
 
 
-def _heuristic(named: dict[str, Any]) -> Any:
-    m = named["M"]
-    if m <= 16:
-        return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
-    if m <= 64:
-        return autotune.config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
-    return autotune.config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-_TUNED: dict[str, autotune.TunedKernel] = {}
-
-
+@functools.cache  # built on first use: nothing is benchmarked or read from disk at import
 def _tuned() -> autotune.TunedKernel:
-    if "gemm" not in _TUNED:
-        _TUNED["gemm"] = autotune.TunedKernel(
-            "llm_int8_gemm", llm_int8_gemm_kernel, _ARGS, int8_gemm_spaces(), _heuristic,
-            autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
-        )
-    return _TUNED["gemm"]
+    return autotune.TunedKernel(
+        "llm_int8_gemm", llm_int8_gemm_kernel, _ARGS, int8_gemm_spaces(), int8_gemm_heuristic,
+        autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+    )
 
 
 def _fp16_threshold(threshold: float) -> float:

@@ -20,6 +20,7 @@ W is read once and no extra tensor has to be stored or passed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -112,7 +113,8 @@ def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
     return stages * (bm * bk + bk * bn)
 
 
-def _heuristic(named: dict[str, Any]) -> Any:
+def int8_gemm_heuristic(named: dict[str, Any]) -> Any:
+    """(Shared with LLM.int8().) The int8 tiles of int8_gemm_spaces by M, for autotuning off."""
     m = named["M"]
     if m <= 16:
         return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
@@ -123,34 +125,19 @@ def _heuristic(named: dict[str, Any]) -> Any:
 
 def int8_gemm_spaces() -> dict[str, list]:
     """int8 tiles: BLOCK_K >= 32 (int8 MMA needs K multiples of 32) and deeper K steps than 16-bit."""
-    cfg = autotune.config
-    fast = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (16, 64, 256, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3),
-            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-        )
-    ]
-    full = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=s)
-        for bm in (16, 32, 64, 128)
-        for bn in (32, 64, 128, 256)
-        for bk in (64, 128, 256)
-        for s in (2, 3, 4)
-    ]
-    return {"fast": fast, "max": full}
+    return autotune.tile_spaces(
+        ((16, 64, 256, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3),
+         (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)),
+        (64, 128, 256),
+    )
 
 
-_TUNED: dict[str, autotune.TunedKernel] = {}
-
-
+@functools.cache  # built on first use: nothing is benchmarked or read from disk at import
 def _tuned() -> autotune.TunedKernel:
-    if "gemm" not in _TUNED:
-        _TUNED["gemm"] = autotune.TunedKernel(
-            "w8a8_dynamic_gemm", w8a8_gemm_kernel, _ARGS, int8_gemm_spaces(), _heuristic,
-            autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
-        )
-    return _TUNED["gemm"]
+    return autotune.TunedKernel(
+        "w8a8_dynamic_gemm", w8a8_gemm_kernel, _ARGS, int8_gemm_spaces(), int8_gemm_heuristic,
+        autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+    )
 
 
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
