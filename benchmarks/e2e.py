@@ -39,9 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.timing import environment, progress, sync
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.timing import environment, progress, results_dir, sync
 
 MODELS: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B and Llama-3-8B layer shapes.
@@ -391,12 +389,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if unknown:
         print(f"--variants: {unknown} unknown; allowed: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    args.out = results_dir(args.out, args.smoke, cuda)
     if args.out is None:
-        if args.smoke:
-            print("--smoke needs --out DIR (smoke results are not kept in benchmarks/results)", file=sys.stderr)
-            return 2
-        args.out = RESULTS_DIR / ("gpu" if cuda else "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
+        return 2
     # Prefill, decode at each batch size: a few static shapes per variant, beyond dynamo's default of 8
     # when a variant recompiles after releasing its weights.
     with torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, 32)):

@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.roofline import Peaks, linear_flops, measure_peaks, roofline_seconds
-from benchmarks.timing import environment, median_seconds, progress
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.timing import environment, median_seconds, progress, results_dir
 
 # (name, layers, out_features N, in_features K) of Llama-3-8B; equal shapes are measured once.
 LLAMA3_8B_SHAPES = (
@@ -439,12 +437,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         all_shapes = tuple(known[s] for s in args.shapes)
     ms = args.m or (SMOKE_MS if args.smoke else DEFAULT_MS)
     impls = args.impls or (("reference", "triton") if not cuda else ("triton",))
+    args.out = results_dir(args.out, args.smoke, cuda)
     if args.out is None:
-        if args.smoke:
-            print("--smoke needs --out DIR (smoke results are not kept in benchmarks/results)", file=sys.stderr)
-            return 2
-        args.out = RESULTS_DIR / ("gpu" if cuda else "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
+        return 2
     with _env("QCOMPILE_AUTOTUNE", args.autotune):
         doc = run(all_shapes, ms, args.schemes, impls, device, smoke=args.smoke, baselines=not args.no_baselines,
                   strict=args.strict)

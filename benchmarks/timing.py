@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -111,3 +112,18 @@ def library_version(name: str) -> str | None:
     except Exception:  # noqa: BLE001 - an optional library that fails to import is simply absent
         return None
     return getattr(module, "__version__", "unknown")
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(out: Path | None, smoke: bool, cuda: bool) -> Path | None:
+    """Where a benchmark writes: ``out``, else ``results/gpu`` or ``results/cpu``; None (after
+    printing why) for a smoke run without ``--out``, whose results are not kept in the repository."""
+    if out is None:
+        if smoke:
+            print("--smoke needs --out DIR (smoke results are not kept in benchmarks/results)", file=sys.stderr)
+            return None
+        out = RESULTS_DIR / ("gpu" if cuda else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
