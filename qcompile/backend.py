@@ -32,7 +32,9 @@ from qcompile.report import Plan, rows_for
 log = logging.getLogger("qcompile")
 
 INNER = ("inductor", "eager")
-_OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "on_plan")
+_OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "on_plan", "mode")
+# inductor's modes; torch.compile refuses `mode` together with `options`, so it is also an option here.
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BackendOptions:
     kernels: "auto" (Triton on CUDA, reference torch code on CPU), "reference", or "triton".
     release_weights: free each packed parameter's floating-point data after packing.
     on_plan: called with the :class:`~qcompile.report.Plan` of every graph compiled.
+    mode: inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...), for the inner inductor.
     """
 
     config: QuantConfig
@@ -51,6 +54,7 @@ class BackendOptions:
     kernels: str = "auto"
     release_weights: bool = False
     on_plan: Callable[[Plan], None] | None = None
+    mode: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -70,9 +74,14 @@ class BackendOptions:
         on_plan = options.get("on_plan")
         if on_plan is not None and not callable(on_plan):
             raise ValueError(f"options.on_plan: expected a callable, got {on_plan!r}")
+        mode = options.get("mode")
+        if mode is not None and mode not in INDUCTOR_MODES:
+            raise ValueError(f"options.mode: {mode!r} is not allowed; allowed: {', '.join(INDUCTOR_MODES)}")
+        if mode is not None and inner != "inductor":
+            raise ValueError(f"options.mode: {mode!r} applies to inner='inductor' only, not {inner!r}")
         return cls(
             config=config_module.load(options.get("config")),
-            inner=inner, kernels=kernels, release_weights=release, on_plan=on_plan,
+            inner=inner, kernels=kernels, release_weights=release, on_plan=on_plan, mode=mode,
         )
 
 
@@ -140,7 +149,7 @@ def qcompile_backend(
         log.info("qcompile plan for graph %s (passes took %.3fs):\n%s", _graph_id(gm), plan.pass_seconds, plan.table())
     if opts.on_plan is not None:
         opts.on_plan(plan)
-    compiled = _inner_compile(gm, example_inputs, opts, mode)
+    compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
     return _release_after_first_call(compiled, releasable) if releasable else compiled
 
 
@@ -151,7 +160,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Back
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    config_patches = torch._inductor.list_mode_options(mode) if mode else None
+    config_patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 

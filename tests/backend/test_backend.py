@@ -165,6 +165,8 @@ def test_plan_is_logged(caplog):
     ({"config": CONFIG, "inner": "tvm"}, "options.inner"),
     ({"config": CONFIG, "release_weights": "yes"}, "options.release_weights"),
     ({"config": 3}, "config"),
+    ({"config": CONFIG, "mode": "fastest"}, "options.mode"),
+    ({"config": CONFIG, "mode": "max-autotune", "inner": "eager"}, "options.mode"),
 ])
 def test_bad_options_name_the_key(options, key):
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
@@ -294,3 +296,15 @@ def test_release_keeps_a_weight_something_else_reads():
     assert model.embed.weight.untyped_storage().nbytes() == 64 * 32 * 4
     torch.testing.assert_close(first, second)
     assert torch.isfinite(first).all()
+
+
+def test_inductor_mode_passes_through_options():
+    model = MLP().eval()
+    x = torch.randn(2, 64)
+    plans = []
+    options = {"config": CONFIG, "mode": "max-autotune-no-cudagraphs", "on_plan": plans.append}
+    with torch.no_grad():
+        out = torch.compile(model, backend="qcompile", options=options)(x)
+        expected = dequantized_reference(model, FP32_NF4)(x)
+    assert len(plans[0].quantized) == 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
