@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -102,7 +101,6 @@ def _swap_bnb_nf4(model: torch.nn.Module, device: torch.device) -> None:
 def prepare(variant: str, model: Any, device: torch.device, mode: str, inner: str) -> Callable[..., Any]:
     """The forward function a variant runs (compiling or module-swapping ``model`` as needed)."""
     import qcompile
-    from qcompile.backend import qcompile_backend
 
     compile_kwargs: dict[str, Any] = {"dynamic": False}
     if variant == "eager_bf16":
@@ -117,11 +115,9 @@ def prepare(variant: str, model: Any, device: torch.device, mode: str, inner: st
                   if variant == "qcompile_nf4_dq" else qcompile.Int8(threshold=6.0))
         config = qcompile.QuantConfig(default=scheme, rules=(qcompile.Rule("lm_head", None),))
         options = {"config": config, "inner": inner, "release_weights": True}
-        if mode == "default":
-            return torch.compile(model.forward, backend="qcompile", options=options, **compile_kwargs)
-        # torch.compile takes mode or options, not both: the backend function takes the mode itself.
-        backend = functools.partial(qcompile_backend, options=options, mode=mode)
-        return torch.compile(model.forward, backend=backend, **compile_kwargs)
+        if mode != "default" and inner == "inductor":
+            options["mode"] = mode  # torch.compile takes mode or options, not both
+        return torch.compile(model.forward, backend="qcompile", options=options, **compile_kwargs)
     if variant == "bnb_nf4":
         _swap_bnb_nf4(model, device)
         return model.forward
