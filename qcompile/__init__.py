@@ -23,8 +23,8 @@ _EXPORTS = {
     "Scheme": "qcompile.formats",
     "PackedWeight": "qcompile.formats",
     "pack": "qcompile.formats.pack",
-    "explain": "qcompile.explain",
-    "Plan": "qcompile.explain",
+    "explain": "qcompile.explainer",
+    "Plan": "qcompile.report",
 }
 
 __all__ = sorted(_EXPORTS)

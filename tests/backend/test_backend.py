@@ -308,3 +308,12 @@ def test_inductor_mode_passes_through_options():
         expected = dequantized_reference(model, FP32_NF4)(x)
     assert len(plans[0].quantized) == 2
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_public_names_stay_functions_whatever_is_imported_first():
+    import importlib
+
+    for module in ("qcompile.explainer", "qcompile.report", "qcompile.formats.pack", "qcompile.config"):
+        importlib.import_module(module)
+    assert callable(qcompile.explain) and callable(qcompile.pack)
+    assert qcompile.Plan.__name__ == "Plan" and qcompile.QuantConfig.__name__ == "QuantConfig"

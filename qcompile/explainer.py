@@ -1,4 +1,6 @@
-"""``qcompile.explain``: the quantization plan of a model, without packing or compiling kernels."""
+"""The function behind ``qcompile.explain``: the quantization plan of a model, without packing or compiling kernels.
+
+The module is not named ``explain`` so that importing it never shadows the function on the package."""
 
 from __future__ import annotations
 
