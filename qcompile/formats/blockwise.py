@@ -151,35 +151,97 @@ def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested
     return values + torch.tensor(nested_offset, dtype=torch.float32, device=values.device)
 
 
+def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: entry ``b`` is the float32 pair ``(code[b >> 4], code[b & 0xF])`` viewed as one int64.
+
+    A byte holds two codes, so looking a byte up in this table yields both values in one
+    8-byte gather: the fastest gather torch has on CPU.
+    """
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=-1).float().contiguous()
+    return pairs.view(torch.int64).view(-1)
+
+
+def decode_workspace(max_bytes: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Buffers that :func:`decode_blocks` reuses across calls of up to ``max_bytes`` packed bytes.
+
+    An int32 index, and off float32 an int64 scratch for the float32 products. Reusing them
+    matters on CPU: a fresh multi-MiB buffer per call may come from the OS as new pages, and the
+    page faults were seen to double a 4096x4096 decode's time in some processes and not others.
+    """
+    index = torch.empty(max_bytes, dtype=torch.int32, device=device)
+    if dtype == torch.float32:
+        return (index,)
+    return index, torch.empty(max_bytes, dtype=torch.int64, device=device)
+
+
+def decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, pair_table: torch.Tensor, out: torch.Tensor,
+                  workspace: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Fill ``out`` with ``code[nibble] * absmax[block]`` for whole blocks of packed codes; returns ``out``.
+
+    packed: uint8, the bytes of ``absmax.numel()`` whole blocks; absmax: their float32 absmax;
+    pair_table: :func:`byte_pair_table` of the code; out: ``2 * packed.numel()`` contiguous elements
+    of any float dtype; workspace: from :func:`decode_workspace` (allocated when not given).
+    The products are float32, rounded once into ``out``'s dtype, as bitsandbytes does.
+    """
+    pairs = packed.numel()
+    if workspace is None:
+        workspace = decode_workspace(pairs, out.dtype, out.device)
+    index = workspace[0][:pairs]
+    index.copy_(packed.reshape(-1))
+    target = out.view(torch.int64).view(-1) if out.dtype == torch.float32 else workspace[1][:pairs]
+    # index_select with an int32 index is ~3.5x faster on CPU than `table[packed.long()]`
+    # (1M bytes: 0.33 vs 1.2 ms): no int64 index, no advanced-indexing machinery. Same values.
+    torch.index_select(pair_table, 0, index, out=target)
+    values = target.view(torch.float32).view(absmax.numel(), -1)
+    values.mul_(absmax.view(-1, 1))
+    if out.dtype != torch.float32:
+        out.view(values.shape).copy_(values)
+    return out
+
+
+def float_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                 nested_offset: float) -> torch.Tensor:
+    """float32 absmax: ``absmax`` itself, or decoded from its nested (double-quantized) form."""
+    if nested_absmax is None:
+        return absmax.float()
+    if nested_code is None:
+        raise ValueError("nested_code: required when nested_absmax is given")
+    return dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                     shape: tuple[int, ...], dtype: torch.dtype,
                     nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
-                    nested_offset: float = 0.0) -> torch.Tensor:
+                    nested_offset: float = 0.0, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """The weight from its packed 4-bit form: ``code[nibble] * absmax[block]`` in float32, cast to ``dtype``.
 
     ``absmax`` is float32, or uint8 codes when ``nested_absmax`` / ``nested_code`` are given.
     Equal, bit for bit, to ``bitsandbytes.functional.dequantize_4bit`` on CPU.
+    Decodes ``chunk_elements`` at a time straight into the result, so the result is the only
+    large allocation (fresh pages cost more than the decoding on CPU).
     """
-    if nested_absmax is not None:
-        if nested_code is None:
-            raise ValueError("nested_code: required when nested_absmax is given")
-        absmax = dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
+    absmax = float_absmax(absmax, nested_absmax, nested_code, nested_offset)
     n = 1
     for size in shape:
         n *= size
-    # A byte holds two codes. A 256-entry table of both values, each pair viewed as one int64,
-    # makes the lookup one 8-byte gather per byte: the fastest gather torch has on CPU
-    # (about 1.7x the nibble-wise gather for a 4096x4096 weight). The products are the same.
-    byte = torch.arange(256, device=packed.device)
-    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=-1).float().contiguous()
-    values = pairs.view(torch.int64).view(-1)[packed.reshape(-1).long()].view(torch.float32)[:n]
+    table = byte_pair_table(code)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    flat = packed.reshape(-1)
     blocks = n // blocksize
+    chunk_blocks = max(1, chunk_elements // blocksize)
+    workspace = decode_workspace(min(blocks, chunk_blocks) * blocksize // 2, dtype, packed.device)
+    half = blocksize // 2  # blocksize is even: every whole block starts on a byte boundary
+    for b0 in range(0, blocks, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, blocks)
+        decode_blocks(flat[b0 * half:b1 * half], absmax[b0:b1], table, out[b0 * blocksize:b1 * blocksize], workspace)
     full = blocks * blocksize
-    absmax = absmax.float()
-    values[:full].view(blocks, blocksize).mul_(absmax[:blocks, None])
     if full < n:
-        values[full:].mul_(absmax[blocks])
-    return values.to(dtype).view(shape)
+        # The partial last block; with an odd count its last byte carries one pad code.
+        tail = torch.empty(2 * (flat.numel() - full // 2), dtype=torch.float32, device=packed.device)
+        decode_blocks(flat[full // 2:], absmax[blocks:], table, tail)
+        out[full:] = tail[: n - full]
+    return out.view(shape)
 
 
 def dequantize_error_bound(kind: str) -> float:

@@ -154,6 +154,38 @@ def test_linear_4bit_reference_is_dequantize_then_linear():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(("x_dtype", "compute_dtype"), [(torch.float32, torch.float32),
+                                                         (torch.float32, torch.bfloat16),
+                                                         (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_linear_4bit_reference_in_row_bands_equals_whole_weight(monkeypatch, double_quant, x_dtype, compute_dtype):
+    import qcompile.ops.linear_4bit as linear_4bit_module
+
+    w = weight((300, 128), seed=4)  # bands of MIN_BAND_ROWS=128 rows: 128, 128 and a ragged 44
+    packed = qcompile.pack(w, NF4(double_quant=double_quant, compute_dtype=compute_dtype))
+    x = activations((2, 3, 128), x_dtype)
+    bias = torch.randn(300)
+    bands = []
+    real_linear = linear_4bit_module.F.linear
+    monkeypatch.setattr(linear_4bit_module.F, "linear",
+                        lambda x, w, b=None: bands.append(w.shape) or real_linear(x, w, b))
+    out = linear_4bit_reference(x, *packed.op_tensors().values(), bias, *packed.op_constants(), chunk_weights=1)
+    assert bands == [(128, 128), (128, 128), (44, 128)]
+    expected = torch.nn.functional.linear(x.to(compute_dtype), packed.dequantize(compute_dtype),
+                                          bias.to(compute_dtype)).to(x_dtype)
+    assert out.dtype == x_dtype and out.shape == (2, 3, 300)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_4bit_reference_blocks_straddling_rows_decode_whole_weight():
+    w = weight((200, 96), seed=6)  # 96 % 64 != 0: a block spans two rows, no row bands
+    packed = qcompile.pack(w, NF4(double_quant=True))
+    x = activations((4, 96))
+    out = linear_4bit_reference(x, *packed.op_tensors().values(), None, *packed.op_constants(), chunk_weights=1)
+    assert torch.equal(out, torch.nn.functional.linear(x, packed.dequantize(torch.float32)))
+
+
 # ---- kernels argument ------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", SCHEMES[:1] + SCHEMES[3:4] + SCHEMES[5:], ids=lambda s: s.kind)
