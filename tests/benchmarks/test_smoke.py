@@ -8,6 +8,10 @@ TRITON_INTERPRET=1 without CUDA).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +72,30 @@ def test_e2e_smoke_writes_json_and_plot(tmp_path):
         assert all(d["tokens_per_s"] > 0 for d in row["decode"])
     assert "speedup_vs_inductor_bf16" in variants["qcompile_nf4_dq"]["decode"][0]
     assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+
+def _device_run(tmp_path, *args):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
+           "WHEELS": str(tmp_path / "no-wheels"), "PYTHON": sys.executable}
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "device_run.sh"
+    return subprocess.run(["bash", str(script), *args], cwd=script.parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_device_run_script_leaves_the_step_results_in_out(tmp_path):
+    done = _device_run(tmp_path, "e2e", "--smoke", "--layers", "1", "--inner", "eager", "--batches", "1",
+                       "--prefill", "16", "--steps", "2", "--warmup", "1", "--reps", "1", "--variants",
+                       "eager_bf16,qcompile_nf4_dq", "--strict")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["e2e.json", "e2e.log", "e2e.png"]
+    assert "qcompile_nf4_dq" in (tmp_path / "out" / "e2e.log").read_text()
+
+
+def test_device_run_script_reports_failures(tmp_path):
+    assert _device_run(tmp_path, "nope").returncode == 2
+    failed = _device_run(tmp_path, "e2e", "--smoke", "--variants", "no_such_variant", "--strict")
+    assert failed.returncode != 0 and (tmp_path / "out" / "e2e.log").exists()
 
 
 def test_cli_bench_finds_the_checkout_and_fails_clearly_without_it(tmp_path, monkeypatch, capsys):
