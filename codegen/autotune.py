@@ -281,6 +281,7 @@ class TunedKernel:
         self.spaces = spaces
         self.heuristic = heuristic
         self.interpreter_config = interpreter_config
+        self.smem_bytes = smem_bytes
         self.pruner = make_pruner(smem_bytes, useful)
         self.key_names = list(key_names)
         self.reset_to_zero = list(reset_to_zero)

@@ -15,6 +15,12 @@ Two variants, dispatched on M (rows of x):
 * ``gemm`` (larger M): compute bound. Classic tiled ``tl.dot`` with grouped program order for L2
   reuse; the [BLOCK_K, BLOCK_N] weight tile is dequantized in registers right before the dot.
 
+Both have two paths, chosen per launch (ALIGNED): when K % blocksize == 0 (every LLM shape) each
+row holds whole absmax blocks, so a K step within one block needs one absmax per weight row and
+each packed byte is loaded once for its two weights, which multiply x's even and odd columns (two
+``tl.dot`` s of depth SUB / 2 in the GEMM). Otherwise every element loads its own byte and absmax
+(the general path, not software-pipelined: its per-element staging overflowed shared memory).
+
 Numerics: ``w = (code[q] * absmax[b]).to(compute_dtype)``, ``x.to(compute_dtype)``, products and the
 sum in fp32 (fp32 compute uses IEEE dots, not TF32), bias added in fp32, result cast to x.dtype.
 """
@@ -38,6 +44,17 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax va
 
 
 @triton.jit
+def _block_absmax(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED: tl.constexpr):
+    """fp32 absmax of the blocks ``block`` (any shape), decoding the nested form when NESTED."""
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale + nested_offset
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dequant_4bit(
     flat,
     mask,
@@ -50,18 +67,42 @@ def _dequant_4bit(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
 ):
-    """fp32 weights at flat indices ``flat`` (any shape): code[nibble] * absmax[flat // BLOCKSIZE]."""
+    """fp32 weights at flat indices ``flat`` (any shape): code[nibble] * absmax[flat // BLOCKSIZE].
+
+    The general path (any K): every element loads its own byte and absmax.
+    """
     byte = tl.load(packed_ptr + (flat // 2), mask=mask, other=0).to(tl.int32)
     nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // BLOCKSIZE
-    if NESTED:
-        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
-        absmax = tl.load(nested_code_ptr + qabs, mask=mask, other=0.0) * scale + nested_offset
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    absmax = _block_absmax(flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
+                           NESTED)
     return value * absmax
+
+
+@triton.jit
+def _dequant_byte_pairs(byte_index, scale, mask, packed_ptr, code_ptr, COMPUTE_DTYPE: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """(even, odd) weights, in COMPUTE_DTYPE, of the bytes at ``byte_index``, each scaled by ``scale``.
+
+    The aligned path (K % BLOCKSIZE == 0): each byte is loaded once for its two weights, and
+    ``scale`` (one absmax per weight row of the step) is broadcast, not loaded per element.
+    """
+    byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
+    even = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
+    odd = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0) * scale
+    return cast(even, COMPUTE_DTYPE, INTERPRET), cast(odd, COMPUTE_DTYPE, INTERPRET)
+
+
+@triton.jit
+def _even_odd_columns(x_ptr, rm, k_start, m_mask, k_end, stride_xm, COMPUTE_DTYPE: tl.constexpr,
+                      INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, SUB: tl.constexpr):
+    """x[rm, k_start:k_start + SUB] in COMPUTE_DTYPE, split into its even and odd columns [BLOCK_M, SUB // 2].
+
+    One contiguous (vectorized, pipelinable) load, split in registers, rather than two stride-2 loads.
+    """
+    rk = k_start + tl.arange(0, SUB)
+    x = cast(load_tile(x_ptr, rm, rk, m_mask, rk < k_end, stride_xm), COMPUTE_DTYPE, INTERPRET)
+    return tl.split(tl.reshape(x, (BLOCK_M, SUB // 2, 2)))
 
 
 @triton.jit
@@ -84,6 +125,7 @@ def linear_4bit_gemv_kernel(
     NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -103,17 +145,40 @@ def linear_4bit_gemv_kernel(
     k_begin = pid_k * k_chunk
     k_end = tl.minimum(k_begin + k_chunk, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < k_end
-        x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET).to(tl.float32)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        w = _dequant_4bit(
-            rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
-            nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
-        )
-        w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if ALIGNED:
+        # K % BLOCKSIZE == 0: rows start on block (and byte) boundaries, so a SUB-wide step (SUB
+        # divides BLOCKSIZE) has one absmax per weight row, and its even and odd columns are the two
+        # nibbles of [BLOCK_N, SUB // 2] bytes. Split boundaries are multiples of BLOCK_K, hence of SUB.
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+        pair = tl.arange(0, SUB // 2)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            for sub in tl.static_range(0, BLOCK_K, SUB):
+                # A SUB-step is wholly inside [k_begin, k_end) or wholly past it (both ends are
+                # multiples of SUB), so one mask per row covers it: uniform along the bytes of a row,
+                # it lets their loads vectorize.
+                row_ok = n_mask & ((rn * 0 + k0 + sub) < k_end)
+                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, row_ok, absmax_ptr,
+                                      nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED)
+                # Bytes as row start + arange (not flat index // 2), which the compiler sees as contiguous.
+                byte_col = (k0 + sub) // 2 + pair
+                w_even, w_odd = _dequant_byte_pairs(rn[:, None] * (K // 2) + byte_col[None, :], scale[:, None],
+                                                    row_ok[:, None], packed_ptr, code_ptr, COMPUTE_DTYPE, INTERPRET)
+                x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, k_end, stride_xm, COMPUTE_DTYPE,
+                                                  INTERPRET, BLOCK_M, SUB)
+                acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even.to(tl.float32)[None, :, :]
+                              + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :], axis=2)
+    else:
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=1):  # not pipelined, as in the GEMM
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < k_end
+            x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            w = _dequant_4bit(
+                rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
+                nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
+            )
+            w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_BIAS:
         # Only the first K split adds the bias.
         bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
@@ -146,6 +211,7 @@ def linear_4bit_gemm_kernel(
     NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -156,16 +222,36 @@ def linear_4bit_gemm_kernel(
     """y [M, N] (x.dtype) = x [M, K] @ W.T (+ bias), W dequantized tile by tile in registers."""
     rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
-        x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
-        w = _dequant_4bit(
-            rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
-            nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
-        )
-        w = cast(w, COMPUTE_DTYPE, INTERPRET)
-        acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
+    if ALIGNED:
+        # As in the GEMV: per SUB-wide step one absmax per weight row; the even and odd columns
+        # are two [SUB // 2, BLOCK_N] operands, multiplied with x's even and odd columns by two dots.
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+        pair = tl.arange(0, SUB // 2)
+        for k0 in range(0, K, BLOCK_K):
+            for sub in tl.static_range(0, BLOCK_K, SUB):
+                col_ok = n_mask & ((rn * 0 + k0 + sub) < K)  # per weight row, as in the GEMV
+                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, col_ok, absmax_ptr,
+                                      nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED)
+                byte_col = (k0 + sub) // 2 + pair  # row start + arange: the loads vectorize
+                w_even, w_odd = _dequant_byte_pairs(rn[None, :] * (K // 2) + byte_col[:, None], scale[None, :],
+                                                    col_ok[None, :], packed_ptr, code_ptr, COMPUTE_DTYPE, INTERPRET)
+                x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, K, stride_xm, COMPUTE_DTYPE,
+                                                  INTERPRET, BLOCK_M, SUB)
+                acc = dot_f32(x_even, w_even, acc, DOT_PRECISION, INTERPRET)
+                acc = dot_f32(x_odd, w_odd, acc, DOT_PRECISION, INTERPRET)
+    else:
+        # Not software-pipelined: staging the per-element bytes and absmax of every stage in shared
+        # memory needed up to 320 KiB (more than an H100 has) for the tile sizes the aligned path uses.
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
+            w = _dequant_4bit(
+                rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
+                nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
+            )
+            w = cast(w, COMPUTE_DTYPE, INTERPRET)
+            acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
     store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
 
 
@@ -202,11 +288,18 @@ def _gemv_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
     return stages * (meta["BLOCK_M"] * meta["BLOCK_K"] * x_bytes + meta["BLOCK_N"] * meta["BLOCK_K"] * 5)
 
 
-def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any], w_bytes: int = 5) -> int:
-    """Pipelined x and (packed weight + metadata) tiles, plus the dequantized dot operand."""
+def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
+    """Shared memory of one GEMM program (an upper bound; the general path stages nothing).
+
+    Per pipeline stage the x tile, the [BLOCK_K / 2, BLOCK_N] packed bytes and per-row block
+    metadata; once, the dequantized dot operands. Checked against the compiler's figure for every
+    config of the spaces by ``python -m tests.codegen.aot_sm90 --spaces max`` (Triton 3.9, sm_90).
+    """
     x_bytes = named["x_ptr"].element_size()
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    return stages * (bm * bk * x_bytes + bk * bn * w_bytes) + bk * bn * 4
+    steps = max(1, bk // meta["BLOCKSIZE"])  # SUB-steps of one BLOCK_K step, each with its own absmax
+    operand_bytes = 2 * meta["COMPUTE_DTYPE"].primitive_bitwidth // 8
+    return stages * (bm * bk * x_bytes + bk * bn // 2 + 8 * bn * steps) + bk * bn * operand_bytes
 
 
 def _gemv_heuristic(named: dict[str, Any]) -> Any:
@@ -308,8 +401,10 @@ def linear_4bit(
     if variant == "auto":
         variant = "gemv" if m <= GEMV_MAX_M else "gemm"
     forced = autotune.as_config(config)
+    # The aligned path needs whole blocks per row and dot operands at least 16 deep (SUB // 2 >= 16).
+    aligned = k % blocksize == 0 and blocksize >= 32
     consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
-                  COMPUTE_DTYPE=common.tl_dtype(compute_dtype), INTERPRET=autotune.interpreting())
+                  COMPUTE_DTYPE=common.tl_dtype(compute_dtype), ALIGNED=aligned, INTERPRET=autotune.interpreting())
     bias_arg = bias if bias is not None else code
     # GEMV split-K partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
     if variant == "gemv":

@@ -74,6 +74,59 @@ def test_gemv_split_k(split_k):
     torch.testing.assert_close(y, _reference(x, q, bias, 32, N, K, torch.float32), **ref.tolerance(torch.float32))
 
 
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The constexprs of every tuned 4-bit launch: which path (ALIGNED or not) really ran."""
+    from qcompile.codegen import autotune
+
+    seen = []
+    real = autotune.TunedKernel.launch
+
+    def launch(self, grid, args, m, config=None, **constexprs):
+        seen.append(constexprs)
+        return real(self, grid, args, m, config=config, **constexprs)
+
+    monkeypatch.setattr(autotune.TunedKernel, "launch", launch)
+    return seen
+
+
+@requires_interpreter
+@pytest.mark.parametrize("variant", ["gemv", "gemm"])
+@pytest.mark.parametrize(("quant_type", "nested", "compute_dtype"), [("nf4", True, torch.bfloat16),
+                                                                     ("fp4", False, torch.float32),
+                                                                     ("nf4", False, torch.float16)], ids=str)
+@pytest.mark.parametrize(("blocksize", "block_k", "split_k"), [
+    (64, 32, 1),    # two steps per absmax block
+    (32, 64, 2),    # two blocks per step (two SUB-steps), split K
+    (64, 128, 3),   # K = 192: the second step's upper half lies past K; three splits
+    (32, 128, 1),   # four blocks per step, the last two SUB-steps past K
+], ids=str)
+def test_aligned_path_matches_reference(launched, variant, quant_type, nested, compute_dtype, blocksize, block_k,
+                                        split_k):
+    n, k, m = 33, 192, 3 if variant == "gemv" else 17  # K % blocksize == 0: whole blocks per row
+    torch.manual_seed(blocksize + block_k)
+    q = _quantize(torch.randn(n, k), quant_type, nested, blocksize)
+    x = torch.randn(m, k, dtype=compute_dtype)
+    bias = torch.randn(n, dtype=compute_dtype)
+    if variant == "gemv":
+        config = dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
+    else:
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4)
+    y = _run(x, q, bias, blocksize, n, k, compute_dtype, variant=variant, config=config)
+    assert [c["ALIGNED"] for c in launched] == [True]
+    torch.testing.assert_close(y, _reference(x, q, bias, blocksize, n, k, compute_dtype),
+                               **ref.tolerance(compute_dtype))
+
+
+@requires_interpreter
+def test_rows_that_split_blocks_take_the_general_path(launched):
+    q = _quantize(torch.randn(N, K), "nf4", True, 64)
+    x = torch.randn(1, K)
+    y = _run(x, q, None, 64, N, K, torch.float32)
+    assert [c["ALIGNED"] for c in launched] == [False]  # K = 96 is not a multiple of 64
+    torch.testing.assert_close(y, _reference(x, q, None, 64, N, K, torch.float32), **ref.tolerance(torch.float32))
+
 @requires_interpreter
 def test_input_dtype_differs_from_compute_dtype_and_3d_input():
     torch.manual_seed(0)
