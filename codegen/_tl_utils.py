@@ -91,3 +91,28 @@ def store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(k_begin, k_end): split ``pid_k``'s share of [0, K), a whole number of BLOCK_K steps.
+
+    Both ends are multiples of BLOCK_K (or K itself); the last splits may be empty.
+    """
+    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_chunk
+    return k_begin, tl.minimum(k_begin + k_chunk, K)
+
+
+@triton.jit
+def store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
+                     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Split-K GEMM epilogue: store like ``store_tile`` when SPLIT_K == 1; otherwise atomically add the
+    fp32 partial sum into y (fp32, zeroed by the caller), the bias added by split 0 only."""
+    if SPLIT_K == 1:
+        store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias[None, :] * (pid_k == 0).to(tl.float32)
+        tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])

@@ -6,12 +6,14 @@ elements (blocks may straddle rows), the absmax optionally double-quantized (uin
 code table, one fp32 scale per 256 blocks, plus a mean offset). The weight is dequantized in registers
 only; the 16-bit weight never reaches global memory.
 
-Two variants, dispatched on M (rows of x):
+Three variants, dispatched on M (rows of x):
 
 * ``gemv`` (M <= GEMV_MAX_M, decode): memory bound. Each program owns BLOCK_N output features for
   BLOCK_M (<= 4) rows and a 1/SPLIT_K slice of K; the product is a broadcast multiply and a sum over
   K in registers (no tensor cores, no padding M to 16). With SPLIT_K > 1 partial sums meet in an fp32
   buffer through atomic adds, which fills the GPU when N / BLOCK_N alone is too few programs.
+* ``gemm_split_k`` (M <= SPLIT_K_MAX_M): still memory bound, but worth tensor cores. The tiled GEMM
+  below with a second grid axis splitting K, partial sums added atomically into an fp32 buffer.
 * ``gemm`` (larger M): compute bound. Classic tiled ``tl.dot`` with grouped program order for L2
   reuse; the [BLOCK_K, BLOCK_N] weight tile is dequantized in registers right before the dot.
 
@@ -36,10 +38,12 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, store_tile
+from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, split_k_range, store_split_tile
 
 FN = "linear_4bit"
 GEMV_MAX_M = 4
+SPLIT_K_MAX_M = 64  # up to here the split-K GEMM; beyond, M / BLOCK_M tiles fill the GPU by themselves
+VARIANTS = ("auto", "gemv", "gemm_split_k", "gemm")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values
 
 
@@ -140,10 +144,7 @@ def linear_4bit_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    # Each split owns a whole number of BLOCK_K steps.
-    k_chunk = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_begin = pid_k * k_chunk
-    k_end = tl.minimum(k_begin + k_chunk, K)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ALIGNED:
         # K % BLOCKSIZE == 0: rows start on block (and byte) boundaries, so a SUB-wide step (SUB
@@ -179,16 +180,7 @@ def linear_4bit_gemv_kernel(
             )
             w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        # Only the first K split adds the bias.
-        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc, mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 @triton.jit
@@ -218,33 +210,40 @@ def linear_4bit_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """y [M, N] (x.dtype) = x [M, K] @ W.T (+ bias), W dequantized tile by tile in registers."""
+    """y [M, N] = x [M, K] @ W.T (+ bias), W dequantized tile by tile in registers.
+
+    y is x.dtype, or with SPLIT_K > 1 fp32 and zeroed: the grid's second axis splits K and the
+    partial sums are added atomically.
+    """
     rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ALIGNED:
         # As in the GEMV: per SUB-wide step one absmax per weight row; the even and odd columns
         # are two [SUB // 2, BLOCK_N] operands, multiplied with x's even and odd columns by two dots.
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
         pair = tl.arange(0, SUB // 2)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             for sub in tl.static_range(0, BLOCK_K, SUB):
-                col_ok = n_mask & ((rn * 0 + k0 + sub) < K)  # per weight row, as in the GEMV
+                col_ok = n_mask & ((rn * 0 + k0 + sub) < k_end)  # per weight row, as in the GEMV
                 scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, col_ok, absmax_ptr,
                                       nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED)
                 byte_col = (k0 + sub) // 2 + pair  # row start + arange: the loads vectorize
                 w_even, w_odd = _dequant_byte_pairs(rn[None, :] * (K // 2) + byte_col[:, None], scale[None, :],
                                                     col_ok[None, :], packed_ptr, code_ptr, COMPUTE_DTYPE, INTERPRET)
-                x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, K, stride_xm, COMPUTE_DTYPE,
+                x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, k_end, stride_xm, COMPUTE_DTYPE,
                                                   INTERPRET, BLOCK_M, SUB)
                 acc = dot_f32(x_even, w_even, acc, DOT_PRECISION, INTERPRET)
                 acc = dot_f32(x_odd, w_odd, acc, DOT_PRECISION, INTERPRET)
     else:
         # Not software-pipelined: staging the per-element bytes and absmax of every stage in shared
         # memory needed up to 320 KiB (more than an H100 has) for the tile sizes the aligned path uses.
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=1):
             rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < K
+            k_mask = rk < k_end
             x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
             w = _dequant_4bit(
                 rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
@@ -252,7 +251,7 @@ def linear_4bit_gemm_kernel(
             )
             w = cast(w, COMPUTE_DTYPE, INTERPRET)
             acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
-    store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
+    store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -303,14 +302,46 @@ def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
 
 
 def _gemv_heuristic(named: dict[str, Any]) -> Any:
-    n, k = named["N"], named["K"]
     block_n, block_k = 32, 128
-    programs = triton.cdiv(n, block_n) * triton.cdiv(named["M"], GEMV_MAX_M)
-    target = 2 * common.sm_count(named["x_ptr"].device)
-    split = 1
-    while programs * split < target and split < 16 and (split * 2) * block_k <= k:
-        split *= 2
+    programs = triton.cdiv(named["N"], block_n) * triton.cdiv(named["M"], GEMV_MAX_M)
+    split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device)
     return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=2)
+
+
+def _split_gemm_spaces() -> dict[str, list]:
+    """Small-M GEMM tiles x SPLIT_K: at M=16 an 8B layer has only N / BLOCK_N output tiles (64 for
+    N=4096, BLOCK_N=64), too few programs to keep 132 SMs reading the weight."""
+    cfg = autotune.config
+    fast = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sk, num_warps=4, num_stages=s)
+        for bm, bn, bk, s in ((16, 64, 128, 4), (32, 64, 64, 4), (64, 64, 64, 3), (16, 128, 128, 3))
+        for sk in (1, 2, 4, 8)
+    ]
+    full = [
+        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sk, num_warps=4 if bm * bn < 8192 else 8,
+            num_stages=s)
+        for bm in (16, 32, 64)
+        for bn in (32, 64, 128)
+        for bk in (64, 128)
+        for s in (3, 4)
+        for sk in (1, 2, 4, 8)
+    ]
+    return {"fast": fast, "max": full}
+
+
+def _split_gemm_heuristic(named: dict[str, Any]) -> Any:
+    m = named["M"]
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_k = 64 if named["x_ptr"].element_size() == 4 else 128
+    programs = triton.cdiv(m, block_m) * triton.cdiv(named["N"], 64)
+    split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device)
+    return autotune.config(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, SPLIT_K=split, num_warps=4,
+                           num_stages=4 if block_m <= 32 else 3)
+
+
+def _split_gemm_interpreter_config(named: dict[str, Any]) -> Any:
+    # SPLIT_K=2 so CI runs the atomic epilogue.
+    return autotune.config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=2, num_warps=4, num_stages=1)
 
 
 def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
@@ -324,6 +355,12 @@ def _tuned(variant: str) -> autotune.TunedKernel:
         return autotune.TunedKernel(
             "linear_4bit_gemv", linear_4bit_gemv_kernel, _ARGS, _gemv_spaces(), _gemv_heuristic,
             _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"], reset_to_zero=["y_ptr"],
+        )
+    if variant == "gemm_split_k":
+        return autotune.TunedKernel(
+            "linear_4bit_gemm_split_k", linear_4bit_gemm_kernel, _ARGS, _split_gemm_spaces(), _split_gemm_heuristic,
+            _split_gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
+            reset_to_zero=["y_ptr"],
         )
     return autotune.TunedKernel(
         "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
@@ -352,15 +389,16 @@ def linear_4bit(
 ) -> torch.Tensor:
     """``x @ dequantize_4bit(W).T + bias`` in x.dtype; see the module docstring for the layout.
 
-    variant: ``auto`` (GEMV for M <= GEMV_MAX_M, else GEMM), ``gemv`` or ``gemm``.
+    variant: ``auto`` (GEMV for M <= GEMV_MAX_M, split-K GEMM for M <= SPLIT_K_MAX_M, else GEMM),
+        ``gemv``, ``gemm_split_k`` or ``gemm``.
     config: force one launch config (a triton.Config or a dict of meta-parameters and num_warps /
         num_stages), bypassing tuning; meant for tests and benchmarks.
     """
     n, k = int(out_features), int(in_features)
     if n <= 0 or k <= 0:
         raise ValueError(f"{FN}: out_features and in_features must be positive, got {n}, {k}")
-    if variant not in ("auto", "gemv", "gemm"):
-        raise ValueError(f"{FN}: variant {variant!r} is not allowed; allowed: auto, gemv, gemm")
+    if variant not in VARIANTS:
+        raise ValueError(f"{FN}: variant {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
     if not isinstance(blocksize, int) or blocksize <= 0 or blocksize & (blocksize - 1):
         raise ValueError(f"{FN}: blocksize must be a positive power of two, got {blocksize!r}")
     if compute_dtype not in common.FLOAT_DTYPES:
@@ -399,15 +437,15 @@ def linear_4bit(
     if m == 0:
         return x.new_zeros(out_shape)
     if variant == "auto":
-        variant = "gemv" if m <= GEMV_MAX_M else "gemm"
+        variant = "gemv" if m <= GEMV_MAX_M else "gemm_split_k" if m <= SPLIT_K_MAX_M else "gemm"
     forced = autotune.as_config(config)
     # The aligned path needs whole blocks per row and dot operands at least 16 deep (SUB // 2 >= 16).
     aligned = k % blocksize == 0 and blocksize >= 32
     consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
                   COMPUTE_DTYPE=common.tl_dtype(compute_dtype), ALIGNED=aligned, INTERPRET=autotune.interpreting())
     bias_arg = bias if bias is not None else code
-    # GEMV split-K partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
-    if variant == "gemv":
+    # Split-K partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
+    if variant != "gemm":
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -424,5 +462,12 @@ def linear_4bit(
         return y.to(x.dtype).reshape(out_shape)
 
     precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
-    _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, **consts)
+    if variant == "gemm_split_k":
+        def split_grid(meta: dict[str, Any]) -> tuple[int, ...]:
+            return (common.grouped_grid(m, n)(meta)[0], meta["SPLIT_K"])
+
+        _tuned(variant).launch(split_grid, args, m, config=forced, DOT_PRECISION=precision, **consts)
+        return y.to(x.dtype).reshape(out_shape)
+    _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, SPLIT_K=1,
+                          **consts)
     return y.reshape(out_shape)

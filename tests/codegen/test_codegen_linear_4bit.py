@@ -44,7 +44,7 @@ N, K = 33, 96  # K % 64 != 0: absmax blocks straddle rows; K is not a multiple o
 
 
 @requires_interpreter
-@pytest.mark.parametrize("variant", ["gemv", "gemm"])
+@pytest.mark.parametrize("variant", ["gemv", "gemm_split_k", "gemm"])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("nested", [False, True])
@@ -84,7 +84,7 @@ def launched(monkeypatch):
     real = autotune.TunedKernel.launch
 
     def launch(self, grid, args, m, config=None, **constexprs):
-        seen.append(constexprs)
+        seen.append({**constexprs, "kernel": self.name})
         return real(self, grid, args, m, config=config, **constexprs)
 
     monkeypatch.setattr(autotune.TunedKernel, "launch", launch)
@@ -92,7 +92,7 @@ def launched(monkeypatch):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("variant", ["gemv", "gemm"])
+@pytest.mark.parametrize("variant", ["gemv", "gemm_split_k", "gemm"])
 @pytest.mark.parametrize(("quant_type", "nested", "compute_dtype"), [("nf4", True, torch.bfloat16),
                                                                      ("fp4", False, torch.float32),
                                                                      ("nf4", False, torch.float16)], ids=str)
@@ -113,11 +113,24 @@ def test_aligned_path_matches_reference(launched, variant, quant_type, nested, c
         config = dict(BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
     else:
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=2, num_warps=4)
+        if variant == "gemm_split_k":
+            config["SPLIT_K"] = split_k
     y = _run(x, q, bias, blocksize, n, k, compute_dtype, variant=variant, config=config)
     assert [c["ALIGNED"] for c in launched] == [True]
     torch.testing.assert_close(y, _reference(x, q, bias, blocksize, n, k, compute_dtype),
                                **ref.tolerance(compute_dtype))
 
+
+
+@requires_interpreter
+def test_auto_dispatch_by_m(launched):
+    q = _quantize(torch.randn(N, K), "nf4", True, 64)
+    for m in (4, 5, 64, 65):
+        x = torch.randn(m, K)
+        torch.testing.assert_close(_run(x, q, None, 64, N, K, torch.float32),
+                                   _reference(x, q, None, 64, N, K, torch.float32), **ref.tolerance(torch.float32))
+    assert [c["kernel"] for c in launched] == ["linear_4bit_gemv", "linear_4bit_gemm_split_k",
+                                                "linear_4bit_gemm_split_k", "linear_4bit_gemm"]
 
 @requires_interpreter
 def test_rows_that_split_blocks_take_the_general_path(launched):
@@ -183,7 +196,7 @@ def test_validation_errors():
 # ---- GPU -------------------------------------------------------------------------------------------
 
 @requires_cuda
-@pytest.mark.parametrize("variant", ["auto", "gemv", "gemm"])
+@pytest.mark.parametrize("variant", ["auto", "gemv", "gemm_split_k", "gemm"])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("nested", [False, True])
