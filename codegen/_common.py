@@ -156,6 +156,74 @@ def split_k_for(programs: int, k: int, block_k: int, device: torch.device, most:
     return split
 
 
+# Up to this M the tiled GEMMs run their split-K variant: M / BLOCK_M x N / BLOCK_N tiles alone are too
+# few programs to keep every SM reading the weight (64 for an 8B layer at N=4096, BLOCK_N=64).
+SPLIT_K_MAX_M = 64
+SPLITS = (1, 2, 4, 8)
+
+
+def split_k_spaces(spaces: dict[str, list]) -> dict[str, list]:
+    """The small-M variant's spaces: the configs of ``spaces`` with BLOCK_M <= SPLIT_K_MAX_M, once per SPLIT_K."""
+    from qcompile.codegen.autotune import config
+
+    return {
+        mode: [config(num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs, SPLIT_K=split)
+               for c in configs if c.kwargs["BLOCK_M"] <= SPLIT_K_MAX_M for split in SPLITS]
+        for mode, configs in spaces.items()
+    }
+
+
+def split_k_heuristic(heuristic: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``heuristic``'s tile plus the SPLIT_K that brings the tiles to about two programs per SM."""
+    import triton
+
+    from qcompile.codegen.autotune import config
+
+    def choose(named: dict[str, Any]) -> Any:
+        tile = heuristic(named)
+        kw = tile.kwargs
+        programs = triton.cdiv(named["M"], kw["BLOCK_M"]) * triton.cdiv(named["N"], kw["BLOCK_N"])
+        device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))
+        split = split_k_for(programs, named["K"], kw["BLOCK_K"], device, most=SPLITS[-1])
+        return config(num_warps=tile.num_warps, num_stages=tile.num_stages, **kw, SPLIT_K=split)
+
+    return choose
+
+
+def split_k_interpreter_config(named: dict[str, Any]) -> Any:
+    # SPLIT_K=2 so CI runs the atomic epilogue.
+    from qcompile.codegen.autotune import config
+
+    return config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=2, num_warps=4, num_stages=1)
+
+
+def split_k_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int, ...]]:
+    """Launch grid of a split-K GEMM: grouped output tiles x SPLIT_K."""
+    tiles = grouped_grid(m, n)
+    return lambda meta: (tiles(meta)[0], meta["SPLIT_K"])
+
+
+def launch_gemm(tuned: Any, tuned_split: Any, make_args: Callable[[torch.Tensor], tuple], m: int, n: int,
+                x: torch.Tensor, config: Any = None, **constexprs: Any) -> torch.Tensor:
+    """Run a tiled GEMM kernel for M rows; returns y [m, n] in x.dtype.
+
+    M <= SPLIT_K_MAX_M: ``tuned_split`` (the same kernel with split-K configs) into a zeroed fp32 y,
+    then cast; otherwise ``tuned`` with SPLIT_K=1 straight into y. ``make_args(y)`` builds the
+    kernel arguments; a forced ``config`` without SPLIT_K means SPLIT_K=1.
+    """
+    if config is not None and "SPLIT_K" not in config.kwargs:
+        constexprs["SPLIT_K"] = 1
+    if m <= SPLIT_K_MAX_M:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+        tuned_split.launch(split_k_grid(m, n), make_args(y), m, config=config, **constexprs)
+        return y.to(x.dtype)
+    if config is not None and config.kwargs.get("SPLIT_K", 1) != 1:
+        raise ValueError(f"config: SPLIT_K={config.kwargs['SPLIT_K']} runs only for M <= {SPLIT_K_MAX_M}, got M={m}")
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    tuned.launch(grouped_grid(m, n), make_args(y), m, config=config, **{"SPLIT_K": 1, **constexprs})
+    return y
+
+
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

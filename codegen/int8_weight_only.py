@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import dot_f32, grouped_tile, load_tile, load_tile_t, store_tile
+from qcompile.codegen._tl_utils import dot_f32, grouped_tile, load_tile, load_tile_t, split_k_range, store_split_tile
 
 FN = "int8_weight_only"
 
@@ -42,12 +42,15 @@ def int8_weight_only_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    pid_k = tl.program_id(1)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
+        k_mask = rk < k_end
         x = load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm)
         q = load_tile_t(w_ptr, rn, rk, n_mask, k_mask, stride_wn)
         if INTERPRET:
@@ -57,7 +60,7 @@ def int8_weight_only_kernel(
             w = q.to(x.dtype)
         acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
     acc = acc * tl.load(scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    store_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
+    store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 _ARGS = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
@@ -70,7 +73,14 @@ def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
 
 
 @functools.cache  # built on first use: nothing is benchmarked or read from disk at import
-def _tuned() -> autotune.TunedKernel:
+def _tuned(split_k: bool) -> autotune.TunedKernel:
+    if split_k:
+        return autotune.TunedKernel(
+            "int8_weight_only_gemm_split_k", int8_weight_only_kernel, _ARGS,
+            common.split_k_spaces(autotune.gemm_spaces()), common.split_k_heuristic(autotune.gemm_heuristic),
+            common.split_k_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+            reset_to_zero=["y_ptr"],
+        )
     return autotune.TunedKernel(
         "int8_weight_only_gemm", int8_weight_only_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
         autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
@@ -98,13 +108,14 @@ def int8_weight_only(
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_zeros(out_shape)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    args = (x2, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
-            x2.stride(0), weight.stride(0), y.stride(0))
+    def make_args(y: torch.Tensor) -> tuple:
+        return (x2, weight, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
+                x2.stride(0), weight.stride(0), y.stride(0))
+
     interpret = autotune.interpreting()
-    precision = common.dot_precision(x.dtype, interpret)
-    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
-                    DOT_PRECISION=precision, INTERPRET=interpret)
+    y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
+                           HAS_BIAS=bias is not None, DOT_PRECISION=common.dot_precision(x.dtype, interpret),
+                           INTERPRET=interpret)
     return y.reshape(out_shape)
 
 

@@ -42,7 +42,6 @@ from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, s
 
 FN = "linear_4bit"
 GEMV_MAX_M = 4
-SPLIT_K_MAX_M = 64  # up to here the split-K GEMM; beyond, M / BLOCK_M tiles fill the GPU by themselves
 VARIANTS = ("auto", "gemv", "gemm_split_k", "gemm")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values
 
@@ -308,42 +307,6 @@ def _gemv_heuristic(named: dict[str, Any]) -> Any:
     return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=2)
 
 
-def _split_gemm_spaces() -> dict[str, list]:
-    """Small-M GEMM tiles x SPLIT_K: at M=16 an 8B layer has only N / BLOCK_N output tiles (64 for
-    N=4096, BLOCK_N=64), too few programs to keep 132 SMs reading the weight."""
-    cfg = autotune.config
-    fast = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sk, num_warps=4, num_stages=s)
-        for bm, bn, bk, s in ((16, 64, 128, 4), (32, 64, 64, 4), (64, 64, 64, 3), (16, 128, 128, 3))
-        for sk in (1, 2, 4, 8)
-    ]
-    full = [
-        cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=sk, num_warps=4 if bm * bn < 8192 else 8,
-            num_stages=s)
-        for bm in (16, 32, 64)
-        for bn in (32, 64, 128)
-        for bk in (64, 128)
-        for s in (3, 4)
-        for sk in (1, 2, 4, 8)
-    ]
-    return {"fast": fast, "max": full}
-
-
-def _split_gemm_heuristic(named: dict[str, Any]) -> Any:
-    m = named["M"]
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_k = 64 if named["x_ptr"].element_size() == 4 else 128
-    programs = triton.cdiv(m, block_m) * triton.cdiv(named["N"], 64)
-    split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device)
-    return autotune.config(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=8, SPLIT_K=split, num_warps=4,
-                           num_stages=4 if block_m <= 32 else 3)
-
-
-def _split_gemm_interpreter_config(named: dict[str, Any]) -> Any:
-    # SPLIT_K=2 so CI runs the atomic epilogue.
-    return autotune.config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=2, num_warps=4, num_stages=1)
-
-
 def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
     # SPLIT_K=2 so the atomic split-K path is what CI exercises by default.
     return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1)
@@ -358,8 +321,9 @@ def _tuned(variant: str) -> autotune.TunedKernel:
         )
     if variant == "gemm_split_k":
         return autotune.TunedKernel(
-            "linear_4bit_gemm_split_k", linear_4bit_gemm_kernel, _ARGS, _split_gemm_spaces(), _split_gemm_heuristic,
-            _split_gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
+            "linear_4bit_gemm_split_k", linear_4bit_gemm_kernel, _ARGS, common.split_k_spaces(autotune.gemm_spaces()),
+            common.split_k_heuristic(autotune.gemm_heuristic), common.split_k_interpreter_config, gemm_smem,
+            autotune.gemm_useful, key_names=["N", "K"],
             reset_to_zero=["y_ptr"],
         )
     return autotune.TunedKernel(
@@ -437,7 +401,7 @@ def linear_4bit(
     if m == 0:
         return x.new_zeros(out_shape)
     if variant == "auto":
-        variant = "gemv" if m <= GEMV_MAX_M else "gemm_split_k" if m <= SPLIT_K_MAX_M else "gemm"
+        variant = "gemv" if m <= GEMV_MAX_M else "gemm_split_k" if m <= common.SPLIT_K_MAX_M else "gemm"
     forced = autotune.as_config(config)
     # The aligned path needs whole blocks per row and dot operands at least 16 deep (SUB // 2 >= 16).
     aligned = k % blocksize == 0 and blocksize >= 32
@@ -463,10 +427,7 @@ def linear_4bit(
 
     precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
     if variant == "gemm_split_k":
-        def split_grid(meta: dict[str, Any]) -> tuple[int, ...]:
-            return (common.grouped_grid(m, n)(meta)[0], meta["SPLIT_K"])
-
-        _tuned(variant).launch(split_grid, args, m, config=forced, DOT_PRECISION=precision, **consts)
+        _tuned(variant).launch(common.split_k_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, **consts)
         return y.to(x.dtype).reshape(out_shape)
     _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, SPLIT_K=1,
                           **consts)

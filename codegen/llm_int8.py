@@ -43,8 +43,17 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, load_tile_t, rint, store_tile
-from qcompile.codegen.w8a8_dynamic import int8_gemm_heuristic, int8_gemm_spaces
+from qcompile.codegen._tl_utils import (
+    cast,
+    dot_f32,
+    grouped_tile,
+    load_tile,
+    load_tile_t,
+    rint,
+    split_k_range,
+    store_split_tile,
+)
+from qcompile.codegen.w8a8_dynamic import int8_tuned_kernel
 
 FN = "linear_int8"
 MAX_ROW = common.MAX_ROW  # the quantization kernel keeps a whole row in registers
@@ -128,12 +137,15 @@ def llm_int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    pid_k = tl.program_id(1)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
+        k_mask = rk < k_end
         a = load_tile(q_ptr, rm, rk, m_mask, k_mask, stride_qm)
         if HAS_OUTLIERS:
             flag = tl.load(flags_ptr + rk, mask=k_mask, other=0)
@@ -147,7 +159,8 @@ def llm_int8_gemm_kernel(
     if HAS_OUTLIERS:
         # The 16-bit part: only the outlier columns, gathered through the compacted index list.
         x_dtype = x_ptr.dtype.element_ty
-        n_out = tl.load(count_ptr)
+        # Split 0 alone adds the outlier part (the others iterate over no columns).
+        n_out = tl.where(pid_k == 0, tl.load(count_ptr), 0)
         w_deq_scale = w_scale * 0.007874015748031496  # weight_scale / 127
         acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for o0 in range(0, n_out, BLOCK_O):
@@ -159,7 +172,7 @@ def llm_int8_gemm_kernel(
             wo = cast(wq.to(tl.float32) * w_deq_scale[None, :], x_dtype, INTERPRET)
             acc_o = dot_f32(xo, wo, acc_o, DOT_PRECISION, INTERPRET)
         out += acc_o
-    store_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
+    store_split_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 _ARGS = [
@@ -175,11 +188,8 @@ def _smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
 
 
 @functools.cache  # built on first use: nothing is benchmarked or read from disk at import
-def _tuned() -> autotune.TunedKernel:
-    return autotune.TunedKernel(
-        "llm_int8_gemm", llm_int8_gemm_kernel, _ARGS, int8_gemm_spaces(), int8_gemm_heuristic,
-        autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
-    )
+def _tuned(split_k: bool) -> autotune.TunedKernel:
+    return int8_tuned_kernel("llm_int8_gemm", llm_int8_gemm_kernel, _ARGS, _smem, split_k)
 
 
 def _fp16_threshold(threshold: float) -> float:
@@ -270,11 +280,12 @@ def linear_int8(
         cols, count = _compact(flags)
     else:
         flags = cols = count = row_stats  # unused stand-ins (HAS_OUTLIERS=False)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    args = (q, weight, row_stats, weight_scale, bias if bias is not None else weight_scale, x2, flags, cols, count,
-            y, m, n, k, q.stride(0), weight.stride(0), x2.stride(0), y.stride(0))
+    def make_args(y: torch.Tensor) -> tuple:
+        return (q, weight, row_stats, weight_scale, bias if bias is not None else weight_scale, x2, flags, cols,
+                count, y, m, n, k, q.stride(0), weight.stride(0), x2.stride(0), y.stride(0))
+
     interpret = autotune.interpreting()
-    precision = common.dot_precision(x.dtype, interpret)
-    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
-                    HAS_OUTLIERS=threshold > 0, DOT_PRECISION=precision, INTERPRET=interpret, BLOCK_O=32)
+    y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
+                           HAS_BIAS=bias is not None, HAS_OUTLIERS=threshold > 0,
+                           DOT_PRECISION=common.dot_precision(x.dtype, interpret), INTERPRET=interpret, BLOCK_O=32)
     return y.reshape(out_shape)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from qcompile.codegen import _common as common
 from qcompile.codegen import autotune
-from qcompile.codegen._tl_utils import grouped_tile, load_tile, load_tile_t, rint, store_tile
+from qcompile.codegen._tl_utils import grouped_tile, load_tile, load_tile_t, rint, split_k_range, store_split_tile
 
 FN = "w8a8_dynamic"
 MAX_ROW = common.MAX_ROW  # the quantization kernel keeps a whole row in registers
@@ -84,13 +84,17 @@ def w8a8_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     rm, rn, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # Split K: each split corrects its own partial sum for the zero point (w_sum over its K range).
     w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    pid_k = tl.program_id(1)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
+        k_mask = rk < k_end
         a = load_tile(q_ptr, rm, rk, m_mask, k_mask, stride_qm)
         b = load_tile_t(w_ptr, rn, rk, n_mask, k_mask, stride_wn)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -99,7 +103,7 @@ def w8a8_gemm_kernel(
     x_scale = tl.load(x_scale_ptr + rm, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
     out = (acc - zp[:, None] * w_sum[None, :]).to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
-    store_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, HAS_BIAS, INTERPRET)
+    store_split_tile(out, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 _ARGS = [
@@ -133,10 +137,21 @@ def int8_gemm_spaces() -> dict[str, list]:
 
 
 @functools.cache  # built on first use: nothing is benchmarked or read from disk at import
-def _tuned() -> autotune.TunedKernel:
+def _tuned(split_k: bool) -> autotune.TunedKernel:
+    return int8_tuned_kernel("w8a8_dynamic_gemm", w8a8_gemm_kernel, _ARGS, _smem, split_k)
+
+
+def int8_tuned_kernel(name: str, kernel: Any, arg_names: list[str], smem: Any, split_k: bool) -> autotune.TunedKernel:
+    """(Shared with LLM.int8().) The int8 GEMM's tuned launcher, or its small-M split-K variant."""
+    if split_k:
+        return autotune.TunedKernel(
+            f"{name}_split_k", kernel, arg_names, common.split_k_spaces(int8_gemm_spaces()),
+            common.split_k_heuristic(int8_gemm_heuristic), common.split_k_interpreter_config, smem,
+            autotune.gemm_useful, key_names=["N", "K"], reset_to_zero=["y_ptr"],
+        )
     return autotune.TunedKernel(
-        "w8a8_dynamic_gemm", w8a8_gemm_kernel, _ARGS, int8_gemm_spaces(), int8_gemm_heuristic,
-        autotune.gemm_interpreter_config, _smem, autotune.gemm_useful, key_names=["N", "K"],
+        name, kernel, arg_names, int8_gemm_spaces(), int8_gemm_heuristic, autotune.gemm_interpreter_config, smem,
+        autotune.gemm_useful, key_names=["N", "K"],
     )
 
 
@@ -175,11 +190,12 @@ def w8a8_dynamic(
     if m == 0:
         return x.new_zeros(out_shape)
     q, x_scale, x_zp = quantize_activations(x2)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    args = (q, weight, x_scale, x_zp, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
-            q.stride(0), weight.stride(0), y.stride(0))
-    _tuned().launch(common.grouped_grid(m, n), args, m, config=autotune.as_config(config), HAS_BIAS=bias is not None,
-                    INTERPRET=autotune.interpreting())
+    def make_args(y: torch.Tensor) -> tuple:
+        return (q, weight, x_scale, x_zp, weight_scale, bias if bias is not None else weight_scale, y, m, n, k,
+                q.stride(0), weight.stride(0), y.stride(0))
+
+    y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
+                           HAS_BIAS=bias is not None, INTERPRET=autotune.interpreting())
     return y.reshape(out_shape)
 
 

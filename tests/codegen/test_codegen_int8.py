@@ -30,7 +30,7 @@ def _x(m, dtype, outliers=False, k=K, device="cpu", seed=1):
 
 @requires_interpreter
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 65])  # 65: past SPLIT_K_MAX_M, the plain tiled GEMM
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_weight_only(dtype, m, bias):
     from qcompile.codegen.int8_weight_only import int8_weight_only
@@ -48,7 +48,7 @@ def test_int8_weight_only(dtype, m, bias):
 
 @requires_interpreter
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 65])  # 65: past SPLIT_K_MAX_M, the plain tiled GEMM
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_w8a8_dynamic(dtype, m, bias):
     from qcompile.codegen.w8a8_dynamic import w8a8_dynamic
@@ -81,7 +81,7 @@ def test_w8a8_activation_quantization_exact():
 @requires_interpreter
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("outliers", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 65])  # 65: past SPLIT_K_MAX_M, the plain tiled GEMM
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_int8_vectorwise_quant_matches_bitsandbytes_exactly(dtype, m, outliers, threshold):
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -103,7 +103,7 @@ def test_int8_vectorwise_quant_matches_bitsandbytes_exactly(dtype, m, outliers, 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("outliers", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 65])  # 65: past SPLIT_K_MAX_M, the plain tiled GEMM
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_int8(dtype, m, outliers, threshold, bias):
     pytest.importorskip("bitsandbytes")
@@ -151,7 +151,7 @@ def test_int8_validation_errors():
 # ---- GPU -------------------------------------------------------------------------------------------
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 65])  # 65: past SPLIT_K_MAX_M, the plain tiled GEMM
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_small_int8_family(dtype, m):
     from qcompile.codegen.int8_weight_only import int8_weight_only
@@ -206,3 +206,23 @@ def test_activation_quantizers_match_the_ops_reference_when_present():
     want = common.quantize_per_token_asymmetric(x)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+@requires_interpreter
+def test_small_m_runs_the_split_k_variant(monkeypatch):
+    from qcompile.codegen import autotune
+    from qcompile.codegen.int8_weight_only import int8_weight_only
+
+    names = []
+    real = autotune.TunedKernel.launch
+    monkeypatch.setattr(autotune.TunedKernel, "launch",
+                        lambda self, *a, **kw: names.append(self.name) or real(self, *a, **kw))
+    q, absmax = _weights()
+    for m in (64, 65):
+        x = _x(m, torch.float32)
+        torch.testing.assert_close(int8_weight_only(x, q, absmax / 127, None),
+                                   ref.int8_weight_only(x, q, absmax / 127, None), **ref.tolerance(torch.float32))
+    assert names == ["int8_weight_only_gemm_split_k", "int8_weight_only_gemm"]
+    with pytest.raises(ValueError, match="SPLIT_K=2 runs only for M <= 64"):
+        int8_weight_only(_x(65, torch.float32), q, absmax / 127, None,
+                         config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_K=2))
