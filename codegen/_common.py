@@ -146,10 +146,10 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def split_k_for(programs: int, k: int, block_k: int, device: torch.device, most: int = 16) -> int:
-    """SPLIT_K (a power of two, at most ``most``) that brings ``programs`` output tiles to about two
-    programs per SM, keeping at least one BLOCK_K step per split."""
-    target = 2 * sm_count(device)
+def split_k_for(programs: int, k: int, block_k: int, device: torch.device, most: int = 16, per_sm: int = 2) -> int:
+    """SPLIT_K (a power of two, at most ``most``) that brings ``programs`` output tiles to about
+    ``per_sm`` programs per SM, keeping at least one BLOCK_K step per split."""
+    target = per_sm * sm_count(device)
     split = 1
     while programs * split < target and split < most and (split * 2) * block_k <= k:
         split *= 2

@@ -262,19 +262,22 @@ _ARGS = [
 
 
 def _gemv_spaces() -> dict[str, list]:
+    # The GEMV loop is not software-pipelined (the AOT check shows no cp.async), so latency is hidden
+    # by loads in flight: the unrolled SUB-steps of a wide BLOCK_K and many programs per SM (small
+    # BLOCK_N, or SPLIT_K up to 16). Reasoned from Little's law, not yet measured on a GPU.
     cfg = autotune.config
     fast = [
-        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
-        for bn, bk in ((32, 128), (64, 64), (16, 256))
-        for sk in (1, 4)
-    ]
+        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=1)
+        for bn, bk in ((32, 128), (16, 256), (32, 256))
+        for sk in (1, 4, 16)
+    ] + [cfg(BLOCK_N=8, BLOCK_K=512, SPLIT_K=sk, num_warps=4, num_stages=1) for sk in (1, 4)]
     full = [
         cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
-        for bn in (16, 32, 64, 128)
-        for bk in (64, 128, 256)
+        for bn in (8, 16, 32, 64, 128)
+        for bk in (64, 128, 256, 512)
         for sk in (1, 2, 4, 8, 16)
         for w in (2, 4, 8)
-        for s in (1, 2, 3)
+        for s in (1, 2)
         if bn * bk <= 16384
     ]
     return {"fast": fast, "max": full}
@@ -301,10 +304,11 @@ def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
 
 
 def _gemv_heuristic(named: dict[str, Any]) -> Any:
-    block_n, block_k = 32, 128
+    block_n, block_k = 32, 256
     programs = triton.cdiv(named["N"], block_n) * triton.cdiv(named["M"], GEMV_MAX_M)
-    split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device)
-    return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=2)
+    # About 8 programs per SM: loads in flight, not pipelining, hide the memory latency here.
+    split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device, per_sm=8)
+    return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
 
 
 def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
