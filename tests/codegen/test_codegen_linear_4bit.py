@@ -101,6 +101,7 @@ def launched(monkeypatch):
     (32, 64, 2),    # two blocks per step (two SUB-steps), split K
     (64, 128, 3),   # K = 192: the second step's upper half lies past K; three splits
     (32, 128, 1),   # four blocks per step, the last two SUB-steps past K
+    (64, 512, 2),   # one step covers all of K (8 SUB-steps, 5 past K); the second split is empty
 ], ids=str)
 def test_aligned_path_matches_reference(launched, variant, quant_type, nested, compute_dtype, blocksize, block_k,
                                         split_k):
