@@ -168,17 +168,21 @@ def linear_4bit_gemv_kernel(
                 acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even.to(tl.float32)[None, :, :]
                               + x_odd.to(tl.float32)[:, None, :] * w_odd.to(tl.float32)[None, :, :], axis=2)
     else:
+        # At most 64 columns at a time: the [BLOCK_M, BLOCK_N, columns] product lives in registers,
+        # and at 256 columns ptxas spilled (255 registers, BLOCK_M=4, BLOCK_N=32).
+        GSUB: tl.constexpr = BLOCK_K if BLOCK_K < 64 else 64
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=1):  # not pipelined, as in the GEMM
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < k_end
-            x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET).to(tl.float32)
-            w_mask = n_mask[:, None] & k_mask[None, :]
-            w = _dequant_4bit(
-                rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
-                nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
-            )
-            w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            for sub in tl.static_range(0, BLOCK_K, GSUB):
+                rk = k0 + sub + tl.arange(0, GSUB)
+                k_mask = rk < k_end
+                x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
+                w_mask = n_mask[:, None] & k_mask[None, :]
+                w = _dequant_4bit(
+                    rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
+                    nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
+                )
+                w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 

@@ -8,7 +8,8 @@ checks, specializations and heuristic configs all run as on a GPU), then each in
 is compiled for sm_90. This catches what the interpreter lets through (compile-only type rules,
 tl.dot shape limits) and measures the real shared memory of every config: an untuned kernel must
 fit H100's per-program limit, and a tuned kernel's pruner estimate must not be below the real figure
-(the pruner keeps configs by that estimate). ``--spaces max`` checks whole autotune spaces (slow).
+(the pruner keeps configs by that estimate), and an untuned (heuristic) config must not spill
+registers (ptxas -v). ``--spaces fast|max`` checks whole autotune spaces (slow; spills reported only).
 It must run with TRITON_INTERPRET unset, so the test suite runs it as a subprocess.
 """
 
@@ -17,9 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,6 +123,26 @@ def compile_sm90(fn: Any, args: tuple, kwargs: dict) -> Any:
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def ptxas_usage(ptx: str) -> tuple[int, int] | None:
+    """(registers per thread, spill-store bytes) that ptxas reports for ``ptx`` on sm_90a; None if unknown."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True)
+    registers = re.search(r"Used (\d+) registers", done.stderr + done.stdout)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr + done.stdout)
+    if registers is None or spills is None:
+        return None
+    return int(registers.group(1)), int(spills.group(1))
+
+
 def _describe(kwargs: dict) -> str:
     return " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in kwargs.items() if k.isupper() or k.startswith("num_"))
 
@@ -141,11 +166,14 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
             continue
         seen.add(key)
         try:
-            shared = compile_sm90(fn, fn_args, kwargs).metadata.shared
+            compiled = compile_sm90(fn, fn_args, kwargs)
         except Exception as exc:  # noqa: BLE001 - every failing kernel is reported, then the run fails
             failures += 1
             report(f"FAIL {fn.__name__} {key[1]}: {type(exc).__name__}: {str(exc)[:2000]}")
             continue
+        shared = compiled.metadata.shared
+        usage = ptxas_usage(compiled.asm["ptx"])
+        registers = "?" if usage is None else f"{usage[0]} spills={usage[1]}"
         verdict = "ok"
         if estimated is not None and estimated < shared:
             # The pruner trusts the estimate: too low, and a config that does not fit may be kept.
@@ -154,8 +182,11 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
             verdict = "FAIL: does not fit"
         elif estimated is not None and estimated > SM90_SHARED_LIMIT:
             verdict = "pruned"  # the autotuner would skip it: nothing to check
+        elif usage is not None and usage[1] > 0 and args.spaces == "heuristic":
+            # A default (untuned) config that spills registers to local memory is a slow default.
+            verdict = "FAIL: the heuristic's config spills registers"
         failures += verdict.startswith("FAIL")
-        report(f"{verdict:4s} {fn.__name__} {key[1]} shared={shared} estimate={estimated}")
+        report(f"{verdict:4s} {fn.__name__} {key[1]} shared={shared} estimate={estimated} registers={registers}")
     report(f"compiled {len(seen)} kernel specializations for sm_90 in {time.perf_counter() - start:.1f}s, "
            f"{failures} failures")
     return 1 if failures else 0
