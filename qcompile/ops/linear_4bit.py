@@ -54,7 +54,7 @@ def linear_4bit_reference(
         return F.linear(x_c, weight, bias_c).to(x.dtype)
     table = byte_pair_table(code)
     packed_rows = packed.reshape(out_features, in_features // 2)
-    absmax_rows = absmax.view(out_features, in_features // blocksize)
+    absmax_rows = absmax[: out_features * (in_features // blocksize)].view(out_features, in_features // blocksize)
     band = torch.empty((rows, in_features), dtype=compute_dtype, device=x.device)
     workspace = decode_workspace(rows * in_features // 2, compute_dtype, x.device)
     out = x_c.new_empty((*x.shape[:-1], out_features))
