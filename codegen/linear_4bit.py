@@ -134,8 +134,14 @@ def linear_4bit_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """y (fp32, zeroed when SPLIT_K > 1) [M, N] = x [M, K] @ W.T (+ bias)."""
+    """y (fp32, zeroed when SPLIT_K > 1) [M, N] = x [M, K] @ W.T (+ bias).
+
+    STAGES > 1 software-pipelines the aligned loop (cp.async prefetch of the next steps' bytes and
+    code values into shared memory, ~25 KB per stage at BLOCK_N=32, BLOCK_K=256); STAGES = 1 hides
+    latency with many programs per SM instead. Which wins is the autotuner's call.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -151,7 +157,7 @@ def linear_4bit_gemv_kernel(
         # nibbles of [BLOCK_N, SUB // 2] bytes. Split boundaries are multiples of BLOCK_K, hence of SUB.
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
         pair = tl.arange(0, SUB // 2)
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
             for sub in tl.static_range(0, BLOCK_K, SUB):
                 # A SUB-step is wholly inside [k_begin, k_end) or wholly past it (both ends are
                 # multiples of SUB), so one mask per row covers it: uniform along the bytes of a row,
@@ -271,26 +277,33 @@ def _gemv_spaces() -> dict[str, list]:
     # BLOCK_N, or SPLIT_K up to 16). Reasoned from Little's law, not yet measured on a GPU.
     cfg = autotune.config
     fast = [
-        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=1)
+        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=1, num_warps=4, num_stages=1)
         for bn, bk in ((32, 128), (16, 256), (32, 256))
         for sk in (1, 4, 16)
-    ] + [cfg(BLOCK_N=8, BLOCK_K=512, SPLIT_K=sk, num_warps=4, num_stages=1) for sk in (1, 4)]
+    ] + [cfg(BLOCK_N=8, BLOCK_K=512, SPLIT_K=sk, STAGES=1, num_warps=4, num_stages=1) for sk in (1, 4)] + [
+        cfg(BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, STAGES=3, num_warps=4, num_stages=1)
+        for bn in (16, 32)
+        for sk in (4, 16)
+    ]
     full = [
-        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
+        cfg(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=st, num_warps=w, num_stages=1)
         for bn in (8, 16, 32, 64, 128)
         for bk in (64, 128, 256, 512)
         for sk in (1, 2, 4, 8, 16)
         for w in (2, 4, 8)
-        for s in (1, 2)
+        for st in (1, 2, 3)
         if bn * bk <= 16384
     ]
     return {"fast": fast, "max": full}
 
 
 def _gemv_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
-    # Software pipelining may stage the x slice, packed bytes and absmax per element.
+    """Upper bound of one GEMV program's shared memory: with STAGES > 1, per stage the x slice, the
+    packed bytes and both nibbles' fp32 code values (9 bytes per byte), and per-row block metadata."""
     x_bytes = named["x_ptr"].element_size()
-    return stages * (meta["BLOCK_M"] * meta["BLOCK_K"] * x_bytes + meta["BLOCK_N"] * meta["BLOCK_K"] * 5)
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    steps = max(1, bk // meta["BLOCKSIZE"])
+    return meta["STAGES"] * (bm * bk * x_bytes + bn * bk // 2 * 9 + 16 * bn * steps)
 
 
 def gemm_smem(meta: dict[str, Any], stages: int, named: dict[str, Any]) -> int:
@@ -312,12 +325,12 @@ def _gemv_heuristic(named: dict[str, Any]) -> Any:
     programs = triton.cdiv(named["N"], block_n) * triton.cdiv(named["M"], GEMV_MAX_M)
     # About 8 programs per SM: loads in flight, not pipelining, hide the memory latency here.
     split = common.split_k_for(programs, named["K"], block_k, named["x_ptr"].device, per_sm=8)
-    return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
+    return autotune.config(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=1, num_warps=4, num_stages=1)
 
 
 def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
     # SPLIT_K=2 so the atomic split-K path is what CI exercises by default.
-    return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1)
+    return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4, num_stages=1)
 
 
 @functools.cache  # built on first use: nothing is benchmarked or read from disk at import
@@ -430,6 +443,8 @@ def linear_4bit(
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:
             return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
+        if forced is not None and "STAGES" not in forced.kwargs:
+            consts["STAGES"] = 1  # a forced config from before the pipelined option
         _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
         return y.to(x.dtype).reshape(out_shape)
 
