@@ -10,8 +10,10 @@ Three variants, dispatched on M (rows of x):
 
 * ``gemv`` (M <= GEMV_MAX_M, decode): memory bound. Each program owns BLOCK_N output features for
   BLOCK_M (<= 4) rows and a 1/SPLIT_K slice of K; the product is a broadcast multiply and a sum over
-  K in registers (no tensor cores, no padding M to 16). With SPLIT_K > 1 partial sums meet in an fp32
-  buffer through atomic adds, which fills the GPU when N / BLOCK_N alone is too few programs.
+  K in registers (no tensor cores, no padding M to 16). SPLIT_K fills the GPU when N / BLOCK_N alone
+  is too few programs: each split stores its fp32 partial sums to a workspace and
+  ``split_k_sum_kernel`` adds them in split order with the bias, cast to x.dtype. Two launches, no
+  zero-fill, no atomics: the result does not depend on the order the splits ran in.
 * ``gemm_split_k`` (M <= SPLIT_K_MAX_M): still memory bound, but worth tensor cores. The tiled GEMM
   below with a second grid axis splitting K, partial sums added atomically into an fp32 buffer.
 * ``gemm`` (larger M): compute bound. Classic tiled ``tl.dot`` with grouped program order for L2
@@ -116,17 +118,14 @@ def linear_4bit_gemv_kernel(
     code_ptr,
     nested_absmax_ptr,
     nested_code_ptr,
-    bias_ptr,
-    y_ptr,
+    partial_ptr,
     M,
     N,
     K,
     stride_xm,
-    stride_ym,
     nested_offset,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -136,7 +135,7 @@ def linear_4bit_gemv_kernel(
     SPLIT_K: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """y (fp32, zeroed when SPLIT_K > 1) [M, N] = x [M, K] @ W.T (+ bias).
+    """partial[pid_k] (fp32 [SPLIT_K, M, N], contiguous) = x [M, K-slice] @ W[:, K-slice].T, no bias.
 
     STAGES > 1 software-pipelines the aligned loop (cp.async prefetch of the next steps' bytes and
     code values into shared memory, ~25 KB per stage at BLOCK_N=32, BLOCK_K=256); STAGES = 1 hides
@@ -189,7 +188,22 @@ def linear_4bit_gemv_kernel(
                 )
                 w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
+    tl.store(partial_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def split_k_sum_kernel(partial_ptr, bias_ptr, y_ptr, M, N, splits, stride_ym, HAS_BIAS: tl.constexpr,
+                       INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y [M, N] (its dtype) = sum over s < splits of partial[s] (fp32 [*, M, N]) + bias, in split order."""
+    row = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(partial_ptr + (split * M + row) * N + rn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + rn, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -269,6 +283,11 @@ _ARGS = [
     "x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "bias_ptr",
     "y_ptr", "M", "N", "K", "stride_xm", "stride_ym", "nested_offset",
 ]
+_GEMV_ARGS = [
+    "x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "partial_ptr",
+    "M", "N", "K", "stride_xm", "nested_offset",
+]
+GEMV_MAX_SPLIT_K = 16  # the largest SPLIT_K of the GEMV spaces: the workspace holds that many partials
 
 
 def _gemv_spaces() -> dict[str, list]:
@@ -337,8 +356,8 @@ def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
 def _tuned(variant: str) -> autotune.TunedKernel:
     if variant == "gemv":
         return autotune.TunedKernel(
-            "linear_4bit_gemv", linear_4bit_gemv_kernel, _ARGS, _gemv_spaces(), _gemv_heuristic,
-            _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"], reset_to_zero=["y_ptr"],
+            "linear_4bit_gemv", linear_4bit_gemv_kernel, _GEMV_ARGS, _gemv_spaces(), _gemv_heuristic,
+            _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"],
         )
     if variant == "gemm_split_k":
         return autotune.TunedKernel(
@@ -429,24 +448,16 @@ def linear_4bit(
     consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
                   COMPUTE_DTYPE=common.tl_dtype(compute_dtype), ALIGNED=aligned, INTERPRET=autotune.interpreting())
     bias_arg = bias if bias is not None else code
-    # Split-K partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
-    if variant != "gemm":
+    if variant == "gemv":
+        return _gemv(x2, packed_u8, absmax, code, nested_absmax, nested_code, bias, float(nested_offset), m, n, k,
+                     forced, consts).reshape(out_shape)
+    # The split-K GEMM's partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
+    if variant == "gemm_split_k":
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
             x2.stride(0), y.stride(0), float(nested_offset))
-
-    if variant == "gemv":
-        block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
-
-        def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-            return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        if forced is not None and "STAGES" not in forced.kwargs:
-            consts["STAGES"] = 1  # a forced config from before the pipelined option
-        _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
-        return y.to(x.dtype).reshape(out_shape)
 
     precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
     if variant == "gemm_split_k":
@@ -455,3 +466,30 @@ def linear_4bit(
     _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, SPLIT_K=1,
                           **consts)
     return y.reshape(out_shape)
+
+
+def _gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+          nested_absmax: torch.Tensor, nested_code: torch.Tensor, bias: torch.Tensor | None, nested_offset: float,
+          m: int, n: int, k: int, forced: Any, consts: dict[str, Any]) -> torch.Tensor:
+    """The GEMV and its split-sum epilogue; y [m, n] in x2.dtype."""
+    block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
+    consts = {key: v for key, v in consts.items() if key != "HAS_BIAS"}
+    if forced is not None and "STAGES" not in forced.kwargs:
+        consts["STAGES"] = 1  # a forced config from before the pipelined option
+    if forced is not None and not 1 <= forced.kwargs.get("SPLIT_K", 1) <= GEMV_MAX_SPLIT_K:
+        raise ValueError(f"{FN}: config SPLIT_K must be 1..{GEMV_MAX_SPLIT_K}, got {forced.kwargs['SPLIT_K']}")
+    # Room for the most splits any config asks for: the config is chosen (or tuned) inside launch.
+    partial = torch.empty((GEMV_MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    args = (x2, packed, absmax, code, nested_absmax, nested_code, partial, m, n, k, x2.stride(0), nested_offset)
+    used = _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    block_n = 128
+    split_k_sum_kernel[(m, triton.cdiv(n, block_n))](
+        partial, bias if bias is not None else partial, y, m, n, used.kwargs["SPLIT_K"], y.stride(0),
+        HAS_BIAS=bias is not None, INTERPRET=consts["INTERPRET"], BLOCK_N=block_n,
+    )
+    return y
