@@ -8,10 +8,13 @@ import torch
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for int8 a [M, K], b [N, K], accumulated exactly, as int32 [M, N].
 
-    Computed in float64: every product and partial sum is an integer below
-    128 * 128 * K < 2**53, so the result equals int32 accumulation for any realistic K,
-    and float64 matmul exists on every device (an int32 matmul does not).
+    On CPU ``torch._int_mm`` (any shape; 4096x4096 at M=1: 0.18 ms against 43 ms in float64,
+    most of which was allocating the float64 copy of the weight). Elsewhere in float64: every
+    product and partial sum is an integer below 128 * 128 * K < 2**53, so the result equals int32
+    accumulation for any realistic K, and float64 matmul exists on every device.
     """
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b.t())
     return (a.double() @ b.double().t()).to(torch.int32)
 
 

@@ -237,3 +237,17 @@ def test_scheme_op_properties():
     assert Int8().op is torch.ops.qcompile.linear_int8.default
     assert Int8WeightOnly().op is torch.ops.qcompile.linear_int8_weight_only.default
     assert W8A8Dynamic().op is torch.ops.qcompile.linear_w8a8_dynamic.default
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 33, 7), (1, 4096, 5), (0, 16, 8)])
+def test_int8_matmul_is_exact(m, k, n):
+    from qcompile.ops.int8_common import int8_matmul
+
+    torch.manual_seed(m + k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    a[:, :1] = -128  # the extreme products
+    b[:, :1] = -128
+    expected = (a.long() @ b.long().t()).to(torch.int32)
+    got = int8_matmul(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
