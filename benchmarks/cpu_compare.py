@@ -1,13 +1,17 @@
-"""qcompile against bitsandbytes on CPU, for real: pack throughput and the compiled NF4 linear forward.
+"""qcompile against bitsandbytes on CPU, for real: pack throughput and the compiled NF4 / LLM.int8() linear forward.
 
     python -m benchmarks.cpu_compare [--out benchmarks/results/cpu_compare.json] [--shapes 4096x4096] [--m 1,16]
 
 * Pack: ``benchmarks.pack_throughput`` (qcompile.pack against ``bitsandbytes.functional.quantize_4bit`` /
   ``int8_vectorwise_quant``), GB/s of input weight.
-* Forward: a bias-free ``nn.Linear(K, N)`` compiled with ``torch.compile(backend="qcompile")`` (NF4 +
-  double quant, compute dtype = activation dtype, ``kernels="reference"``, inductor behind it) against
-  ``bnb.nn.Linear4bit`` with the same settings, run as bitsandbytes users run it (eager) and, when it
-  compiles, under ``torch.compile`` (inductor). The dense ``F.linear`` is timed alongside for scale.
+* Forward: a bias-free ``nn.Linear(K, N)`` compiled with ``torch.compile(backend="qcompile")``
+  (``kernels="reference"``, which "auto" is on CPU; inductor behind it) against the bitsandbytes
+  layer with the same settings, run as bitsandbytes users serve it (eager, eval mode:
+  ``bnb_eager``), also under ``torch.compile`` (inductor) when that works, and in train mode
+  (``bnb_eager_train_mode``: dequantize + F.linear, numerically what qcompile's reference computes).
+  NF4 + double quant (compute dtype = activation dtype) against ``bnb.nn.Linear4bit``, and
+  LLM.int8() (threshold 6.0; 4 activation columns scaled x20, so there are outliers) against
+  ``bnb.nn.Linear8bitLt``. The dense ``F.linear`` is timed alongside for scale.
   Times are medians over interleaved rounds (one call of each per round), so background load on a
   shared machine hits every contender alike. Compile time (first call) is reported separately.
 """
@@ -52,10 +56,40 @@ def _timed_first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_bnb: bool) -> dict[str, Any]:
-    """One (shape, M, dtype): qcompile compiled NF4 forward vs bitsandbytes Linear4bit, plus dense."""
+SCHEMES = {
+    "nf4_dq": "nf4 double_quant blocksize 64, compute dtype = activation dtype",
+    "llm_int8": "LLM.int8() threshold 6.0",
+}
+
+
+def _bnb_layer(scheme: str, linear: torch.nn.Linear, dtype: torch.dtype, train: bool) -> torch.nn.Module:
+    """The bitsandbytes layer holding ``linear``'s weight, quantized by ``.to`` as for its users.
+
+    Mode matters on CPU: in eval mode bitsandbytes 0.50 runs its own CPU inference kernels
+    (Linear4bit repacks the weight for them); in train mode it dequantizes and calls F.linear.
+    """
     import bitsandbytes as bnb
 
+    n, k = linear.weight.shape
+    if scheme == "nf4_dq":
+        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.load_state_dict({"weight": linear.weight.detach().clone()})
+    return layer.to("cpu").train(train).requires_grad_(False)
+
+
+def _scheme(scheme: str, dtype: torch.dtype) -> Any:
+    import qcompile
+
+    if scheme == "nf4_dq":
+        return qcompile.NF4(blocksize=64, double_quant=True, compute_dtype=dtype)
+    return qcompile.Int8(threshold=6.0)
+
+
+def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_bnb: bool,
+                 scheme: str = "nf4_dq") -> dict[str, Any]:
+    """One (scheme, shape, M, dtype): qcompile's compiled forward vs the bitsandbytes layer, plus dense."""
     import qcompile
 
     torch._dynamo.reset()
@@ -63,37 +97,38 @@ def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_
     linear = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
     linear.weight.normal_(0.0, 0.02)
     x = torch.randn(m, k, dtype=dtype)
-    scheme = qcompile.NF4(blocksize=64, double_quant=True, compute_dtype=dtype)
-    options = {"config": qcompile.QuantConfig(default=scheme), "kernels": "reference"}
+    x[:, :4] *= 20  # outlier columns for LLM.int8() (harmless for NF4)
+    layer = _bnb_layer(scheme, linear, dtype, train=False)
+    layer_train = _bnb_layer(scheme, linear, dtype, train=True)
+    options = {"config": qcompile.QuantConfig(default=_scheme(scheme, dtype)), "kernels": "reference"}
     compiled = torch.compile(linear, backend="qcompile", options=options, dynamic=False)
 
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-    layer.load_state_dict({"weight": linear.weight.detach().clone()})
-    layer = layer.to("cpu").requires_grad_(False)  # .to quantizes, as for bitsandbytes users
-
     row: dict[str, Any] = {"shape": [n, k], "M": m, "dtype": str(dtype).removeprefix("torch."),
-                           "scheme": "nf4 double_quant blocksize 64, compute dtype = activation dtype"}
+                           "scheme": SCHEMES[scheme], "scheme_name": scheme}
     fns: dict[str, Callable[[], Any]] = {}
     with torch.no_grad():
         y_q, row["qcompile_compile_s"] = _timed_first_call(lambda: compiled(x))
-        y_b = layer(x)
-        row["rel_diff_qcompile_vs_bnb"] = ((y_q.float() - y_b.float()).norm() / y_b.float().norm()).item()
+        for mode, module in (("eval", layer), ("train", layer_train)):
+            y_b = module(x)
+            row[f"rel_diff_qcompile_vs_bnb_{mode}"] = ((y_q.float() - y_b.float()).norm() / y_b.float().norm()).item()
         fns["qcompile_compiled"] = lambda: compiled(x)
-        fns["bnb_linear4bit_eager"] = lambda: layer(x)
+        fns["bnb_eager"] = lambda: layer(x)
+        fns["bnb_eager_train_mode"] = lambda: layer_train(x)
         if compile_bnb:
             try:
                 bnb_compiled = torch.compile(layer, backend="inductor", dynamic=False)
                 _, row["bnb_compile_s"] = _timed_first_call(lambda: bnb_compiled(x))
-                fns["bnb_linear4bit_compiled"] = lambda: bnb_compiled(x)
+                fns["bnb_compiled"] = lambda: bnb_compiled(x)
             except Exception as exc:  # noqa: BLE001 - bnb under torch.compile is optional, the eager number stands
                 row["bnb_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
         fns["dense_f_linear"] = lambda: F.linear(x, linear.weight)
         row["timings"] = interleaved_medians(fns, reps)
     t = row["timings"]
-    row["speedup_qcompile_vs_bnb_eager"] = t["bnb_linear4bit_eager"]["median_s"] / t["qcompile_compiled"]["median_s"]
-    if "bnb_linear4bit_compiled" in t:
-        row["speedup_qcompile_vs_bnb_compiled"] = (t["bnb_linear4bit_compiled"]["median_s"]
-                                                   / t["qcompile_compiled"]["median_s"])
+    row["speedup_qcompile_vs_bnb_eager"] = t["bnb_eager"]["median_s"] / t["qcompile_compiled"]["median_s"]
+    row["speedup_qcompile_vs_bnb_train_mode"] = (t["bnb_eager_train_mode"]["median_s"]
+                                                 / t["qcompile_compiled"]["median_s"])
+    if "bnb_compiled" in t:
+        row["speedup_qcompile_vs_bnb_compiled"] = t["bnb_compiled"]["median_s"] / t["qcompile_compiled"]["median_s"]
     return row
 
 
@@ -111,27 +146,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=_shapes, default=((4096, 4096),), help="NxK list, e.g. 4096x4096,14336x4096")
     parser.add_argument("--m", default="1,16", help="activation rows")
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--schemes", default="nf4_dq,llm_int8", help=f"forward schemes: {', '.join(SCHEMES)}")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds of the forward comparison")
     parser.add_argument("--pack-repeats", type=int, default=5)
     parser.add_argument("--no-bnb-compile", action="store_true", help="skip torch.compile of bnb Linear4bit")
     args = parser.parse_args(argv)
     dtypes = tuple(getattr(torch, d.strip()) for d in args.dtypes.split(","))
     ms = tuple(int(v) for v in args.m.split(","))
+    schemes = tuple(v.strip() for v in args.schemes.split(",") if v.strip())
+    unknown = [v for v in schemes if v not in SCHEMES]
+    if unknown:
+        parser.error(f"--schemes: {unknown} unknown; allowed: {', '.join(SCHEMES)}")
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     print("pack throughput (GB/s of input weight):")
     pack = pack_run(args.shapes, tuple(str(d).removeprefix("torch.") for d in dtypes), args.pack_repeats)
-    print("compiled NF4 linear forward:")
+    print("compiled linear forward:")
     forward = []
-    for n, k in args.shapes:
-        for dtype in dtypes:
-            for m in ms:
-                row = forward_case(n, k, m, dtype, args.reps, not args.no_bnb_compile)
-                forward.append(row)
-                t = row["timings"]
-                line = "  ".join(f"{name} {v['median_s'] * 1e3:8.3f} ms" for name, v in t.items())
-                print(f"{n}x{k} M={m:<3d} {row['dtype']:8s} {line}  qcompile/bnb-eager "
-                      f"x{row['speedup_qcompile_vs_bnb_eager']:.2f}")
+    for scheme in schemes:
+        for n, k in args.shapes:
+            for dtype in dtypes:
+                for m in ms:
+                    row = forward_case(n, k, m, dtype, args.reps, not args.no_bnb_compile, scheme)
+                    forward.append(row)
+                    t = row["timings"]
+                    line = "  ".join(f"{name} {v['median_s'] * 1e3:8.3f} ms" for name, v in t.items())
+                    print(f"{scheme:8s} {n}x{k} M={m:<3d} {row['dtype']:8s} {line}  qcompile/bnb-eager "
+                          f"x{row['speedup_qcompile_vs_bnb_eager']:.2f}")
     doc = {
         "benchmark": "cpu_compare",
         "machine": machine_info(),
