@@ -121,3 +121,20 @@ def test_kernels_gpu_one_case(tmp_path):
     doc = json.loads((tmp_path / "kernels.json").read_text())
     row = next(r for r in doc["results"] if r["scheme"] == "nf4_dq")
     assert row["autotune"] and row["rel_err_vs_bf16"] < 0.2
+
+
+def test_cpu_compare_small_run_writes_both_schemes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import cpu_compare
+
+    out = tmp_path / "cpu_compare.json"
+    assert cpu_compare.main(["--out", str(out), "--shapes", "128x256", "--m", "1", "--dtypes", "float32",
+                             "--reps", "1", "--pack-repeats", "1", "--no-bnb-compile"]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["scheme_name"]: r for r in doc["forward"]["results"]}
+    assert set(rows) == {"nf4_dq", "llm_int8"}
+    for row in rows.values():
+        assert {"qcompile_compiled", "bnb_eager", "bnb_eager_train_mode", "dense_f_linear"} <= set(row["timings"])
+    # Same numerics as bitsandbytes' dequantize + F.linear (NF4) and LLM.int8() inference path.
+    assert rows["nf4_dq"]["rel_diff_qcompile_vs_bnb_train"] == 0.0
+    assert rows["llm_int8"]["rel_diff_qcompile_vs_bnb_eval"] == 0.0
