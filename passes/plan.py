@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
+
 from qcompile.formats import Scheme
 from qcompile.passes.sites import LinearSite
 
@@ -46,15 +48,32 @@ def _site_problem(site: LinearSite) -> str | None:
     return None
 
 
-def plan_sites(sites: Sequence[LinearSite], config: QuantConfig) -> list[SitePlan]:
-    """A scheme or a skip reason for every site, in order."""
+def _weight_problem(site: LinearSite, quantize_trainable: bool) -> str | None:
+    """A reason to leave a parameter weight alone that is about the weight, not the config."""
+    weight = site.parameter
+    if weight is not None and weight.device.type == "meta":
+        return "weight is on the meta device (not loaded)"
+    if not site.weight_names.resolved:
+        return "the parameter's name could not be resolved from dynamo's source"
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not quantize_trainable:
+        return "trainable: requires grad (an adapter or an unfrozen weight); quantized weights get no gradient"
+    return None
+
+
+def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_trainable: bool = False) -> list[SitePlan]:
+    """A scheme or a skip reason for every site, in order.
+
+    A weight with several names (a tied head) is decided on all of them
+    (:meth:`QuantConfig.scheme_for_names`). Weights that require grad while grad is enabled
+    stay float unless ``quantize_trainable``.
+    """
     plans = []
     for site in sites:
-        problem = _site_problem(site)
+        problem = _site_problem(site) or _weight_problem(site, quantize_trainable)
         if problem is not None:
             plans.append(SitePlan(site, None, problem, "site"))
             continue
-        scheme, decided_by = config.scheme_for(site.module_name or "")
+        scheme, decided_by = config.scheme_for_names(site.module_names)
         if scheme is None:
             plans.append(SitePlan(site, None, f"skipped by {decided_by}", decided_by))
             continue

@@ -1,103 +1,81 @@
-"""Rewrite planned linear sites into ``torch.ops.qcompile.*`` calls.
+"""Rewrite planned linear sites into ``torch.ops.qcompile.quantized_linear`` calls.
 
-The packed tensors become buffers of the GraphModule, read through ``get_attr``.
-Inductor (through AOT autograd) lifts a dynamo graph's parameters and buffers as
-inputs and looks each one's dynamo source up in ``gm._param_name_to_source``, so
-every buffer added here gets a unique source there. Adding new placeholders
-instead fails dynamo's input metadata checks. We chose buffers over inductor's
-freezing because they also work with ``inner="eager"``, keep one copy of each
-packed tensor shared across graphs, and do not depend on inference-only freezing.
+The op takes the float parameter itself (a graph input, or a ``get_attr`` in graphs built
+without dynamo) plus the scheme as text, and finds the packed form at run time
+(``qcompile/ops/quantized_linear.py`` says why packed tensors are not graph constants).
+
+The replacement returns what the original node returned: where the original's dtype differs
+from its input's (``torch.autocast`` casts ``F.linear``'s operands), the input is cast to it first.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx
-from torch._dynamo.source import ConstantSource
 
-from qcompile.formats import PackedWeight
+from qcompile.ops.quantized_linear import scheme_key
 from qcompile.passes.plan import SitePlan
+from qcompile.passes.sites import LinearSite
 
-_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
-
-
-def _buffer_prefix(plan: SitePlan) -> str:
-    return "_qcompile_" + _UNSAFE.sub("_", plan.site.qualified_name)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _BufferRegistry:
-    """Registers each packed weight's tensors on the GraphModule once, however many sites share it."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        self.names: dict[int, dict[str, str]] = {}
-
-    def names_for(self, packed: PackedWeight, prefix: str) -> dict[str, str]:
-        if id(packed) in self.names:
-            return self.names[id(packed)]
-        names = {}
-        for tensor_name, tensor in packed.op_tensors().items():
-            if tensor is None:
-                continue
-            buffer_name = f"{prefix}_{tensor_name}"
-            while hasattr(self.gm, buffer_name):
-                buffer_name += "_"
-            self.gm.register_buffer(buffer_name, tensor)
-            if hasattr(self.gm, "_param_name_to_source"):
-                self.gm._param_name_to_source[buffer_name] = ConstantSource(f"__qcompile__{buffer_name}")
-            names[tensor_name] = buffer_name
-        self.names[id(packed)] = names
-        return names
+def _weight_node(graph: fx.Graph, site: LinearSite) -> fx.Node:
+    if site.form == "call_module":
+        return graph.get_attr(f"{site.node.target}.weight")
+    assert site.weight_node is not None  # planned sites have a parameter behind their weight
+    return site.weight_node
 
 
-def _bias_node(graph: fx.Graph, plan: SitePlan) -> fx.Node | None:
-    site = plan.site
+def _bias_node(graph: fx.Graph, site: LinearSite) -> fx.Node | None:
     if site.form == "call_module":
         module = site.node.graph.owning_module.get_submodule(str(site.node.target))
         return graph.get_attr(f"{site.node.target}.bias") if module.bias is not None else None
     return site.bias
 
 
-def rewrite_linears(
-    gm: fx.GraphModule,
-    plans: Sequence[SitePlan],
-    packed_for: Callable[[SitePlan], PackedWeight],
-    kernels: str,
-) -> list[SitePlan]:
-    """Replace every quantized site of ``plans`` with its scheme's op; returns the sites rewritten."""
+def _value(node: object) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _input_cast_to(graph: fx.Graph, site: LinearSite) -> fx.Node:
+    """The site's input, cast to the dtype the original op returned when that differs (autocast)."""
+    x, out = _value(site.input), _value(site.node)
+    if x is None or out is None or x.dtype == out.dtype or out.dtype not in _FLOAT_DTYPES:
+        return site.input
+    cast = graph.call_method("to", (site.input, out.dtype))
+    cast.meta["example_value"] = x.to(out.dtype)
+    return cast
+
+
+def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str) -> list[SitePlan]:
+    """Replace every quantized site of ``plans`` with ``quantized_linear``; returns the sites rewritten."""
     graph = gm.graph
-    buffers = _BufferRegistry(gm)
     rewritten = []
     for plan in plans:
         if plan.scheme is None:
             continue
         site = plan.site
-        packed = packed_for(plan)
-        names = buffers.names_for(packed, _buffer_prefix(plan))
         with graph.inserting_before(site.node):
-            tensor_args = [
-                graph.get_attr(names[tensor_name]) if tensor is not None else None
-                for tensor_name, tensor in packed.op_tensors().items()
-            ]
-            bias = _bias_node(graph, plan)
-            new = graph.call_function(
-                packed.scheme.op,
-                args=(site.input, *tensor_args, bias, *packed.op_constants(), kernels),
-            )
+            args = (_input_cast_to(graph, site), _weight_node(graph, site), _bias_node(graph, site),
+                    scheme_key(plan.scheme), site.transposed, site.qualified_name, kernels)
+            new = graph.call_function(torch.ops.qcompile.quantized_linear.default, args=args)
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("example_value", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         graph.erase_node(site.node)
-        _erase_if_dead(graph, site)
+        _erase_dead_transposes(graph, site)
         rewritten.append(plan)
     graph.lint()
     gm.recompile()
     return rewritten
 
 
-def _erase_if_dead(graph: fx.Graph, site) -> None:
+def _erase_dead_transposes(graph: fx.Graph, site: LinearSite) -> None:
     """Remove a now-unused ``W.t()`` that fed the replaced matmul (placeholders stay: dynamo passes them)."""
     if site.weight_node is None:
         return
@@ -106,7 +84,8 @@ def _erase_if_dead(graph: fx.Graph, site) -> None:
             graph.erase_node(user)
 
 
-def weight_fully_rewritten(site) -> bool:
-    """True when nothing left in the graph reads the site's weight placeholder."""
-    node = site.weight_node
-    return node is not None and node.op == "placeholder" and not node.users
+def reads_outside_quantized_linears(node: fx.Node | None) -> bool:
+    """True when something other than a ``quantized_linear`` reads the weight node (a tied embedding, say)."""
+    if node is None:
+        return True
+    return any(user.target is not torch.ops.qcompile.quantized_linear.default for user in node.users)

@@ -9,20 +9,21 @@ Forms recognised (``x`` any tensor of rank >= 2 unless noted, ``W`` a weight):
 * ``torch.addmm(b, x, W.t())`` and ``torch.addmm(b, x, P)`` with default ``beta``/``alpha``.
 
 A site records the graph nodes, the real weight tensor (from the example
-inputs dynamo hands the backend) and the module's qualified name, recovered
-from the placeholder's dynamo source (``L['self']._modules['lm_head']._parameters['weight']``).
+inputs dynamo hands the backend) and every name the parameter has under the model
+(``names.py``: from dynamo's source objects, never from their text).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from qcompile.passes.names import ParameterNames, WeightNames
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm)
@@ -42,57 +43,32 @@ class LinearSite:
     parameter: torch.Tensor | None  # the real parameter tensor (None when the weight is computed)
     is_parameter: bool  # the weight is an nn.Parameter of a module
     transposed: bool  # the parameter is stored (in, out) and used transposed
-    module_name: str | None  # e.g. "model.layers.0.self_attn.q_proj"
-    param_name: str | None  # e.g. "weight"
+    weight_names: WeightNames  # every name of the parameter, primary first (empty: unresolved)
     shape: tuple[int, ...]  # of the weight in linear layout (out_features, in_features)
     dtype: torch.dtype | None
     input_rank: int | None
 
     @property
+    def module_name(self) -> str | None:
+        """The primary module name, e.g. ``model.layers.0.self_attn.q_proj`` (None when unresolved)."""
+        names = self.weight_names.names
+        return names[0].rpartition(".")[0] if names else None
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """The module part of every name of the weight (a tied head: ``lm_head`` and ``model.embed_tokens``)."""
+        return tuple(name.rpartition(".")[0] for name in self.weight_names.names)
+
+    @property
+    def param_name(self) -> str | None:
+        names = self.weight_names.names
+        return names[0].rpartition(".")[2] if names else None
+
+    @property
     def qualified_name(self) -> str:
-        """The parameter's fully qualified name, e.g. ``lm_head.weight``."""
-        if self.module_name is None:
-            return self.node.name
-        return f"{self.module_name}.{self.param_name}" if self.module_name else str(self.param_name)
-
-
-_TOKEN = re.compile(
-    r"\._(?:modules|parameters|buffers)\['(?P<dict_key>[^']+)'\]"  # _modules['fc1']
-    r"|\[['\"](?P<item_key>[^'\"]+)['\"]\]"  # ['fc1'] on a ModuleDict
-    r"|\[(?P<index>\d+)\]"  # [0] on a ModuleList
-    r"|\.(?P<attr>[A-Za-z_]\w*)"  # .fc1
-)
-_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
-
-
-def source_to_qualified_name(source_name: str) -> tuple[str, str] | None:
-    """``L['self']._modules['fc1']._parameters['weight']`` -> ``("fc1", "weight")``.
-
-    The root (the local or global holding the model) is dropped; returns None when the
-    text is not a chain of attribute and item accesses.
-    """
-    root = _ROOT.match(source_name)
-    if root is None:
-        return None
-    rest, names = source_name[root.end():], []
-    while rest:
-        m = _TOKEN.match(rest)
-        if m is None:
-            return None
-        names.append(next(v for v in m.groupdict().values() if v is not None))
-        rest = rest[m.end():]
-    if not names:
-        return None
-    return ".".join(names[:-1]), names[-1]
-
-
-def _source_name(node: fx.Node) -> str | None:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return None
-    name = source.name
-    return name() if callable(name) else name
+        """The parameter's fully qualified name, e.g. ``lm_head.weight``; the node's name when unresolved."""
+        names = self.weight_names.names
+        return names[0] if names else f"<{self.node.name}>"
 
 
 def _example_value(node: fx.Node) -> torch.Tensor | None:
@@ -110,26 +86,23 @@ class _SiteFinder:
         self.gm = gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.real = {node: value for node, value in zip(placeholders, example_inputs, strict=False)}
+        self.names = ParameterNames(gm)
 
-    def weight_info(self, node: fx.Node) -> tuple[torch.Tensor | None, bool, str | None, str | None]:
-        """(real tensor, is a parameter, module name, parameter name) for a weight operand."""
+    def weight_info(self, node: fx.Node) -> tuple[torch.Tensor | None, bool, WeightNames]:
+        """(real tensor, is a parameter, its names) for a weight operand."""
         if node.op == "placeholder":
             tensor = self.real.get(node)
-            qualified = None
-            source_name = _source_name(node)
-            if source_name is not None:
-                qualified = source_to_qualified_name(source_name)
-            module, param = qualified if qualified else (None, None)
-            is_param = isinstance(tensor, nn.Parameter) and qualified is not None
-            return (tensor if isinstance(tensor, torch.Tensor) else None), is_param, module, param
+            if not isinstance(tensor, torch.Tensor):
+                return None, False, WeightNames()
+            is_param = isinstance(tensor, nn.Parameter)
+            return tensor, is_param, self.names.for_placeholder(node, tensor) if is_param else WeightNames()
         if node.op == "get_attr":
             tensor = _get_attr(self.gm, str(node.target))
-            module, _, param = str(node.target).rpartition(".")
-            return tensor, isinstance(tensor, nn.Parameter), module, param
-        return None, False, None, None
+            return tensor, isinstance(tensor, nn.Parameter), self.names.for_attr(str(node.target), tensor)
+        return None, False, WeightNames()
 
     def make(self, node, form, x, weight_node, bias, transposed) -> LinearSite:
-        tensor, is_param, module, param = self.weight_info(weight_node)
+        tensor, is_param, names = self.weight_info(weight_node)
         value = tensor if tensor is not None else _example_value(weight_node)
         shape = tuple(value.shape) if value is not None else ()
         if transposed:
@@ -137,7 +110,7 @@ class _SiteFinder:
         return LinearSite(
             node=node, form=form, input=x, bias=bias, weight_node=weight_node,
             parameter=tensor if is_param else None, is_parameter=is_param, transposed=transposed,
-            module_name=module, param_name=param, shape=shape,
+            weight_names=names, shape=shape,
             dtype=value.dtype if value is not None else None, input_rank=_rank(x),
         )
 
@@ -155,7 +128,7 @@ class _SiteFinder:
         if isinstance(inner, fx.Node) and inner.op in ("placeholder", "get_attr"):
             return inner, False
         if node.op in ("placeholder", "get_attr"):
-            tensor, is_param, _, _ = self.weight_info(node)
+            tensor, is_param, _ = self.weight_info(node)
             if is_param and tensor is not None and tensor.dim() == 2:
                 return node, True
         return None
@@ -170,7 +143,7 @@ class _SiteFinder:
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             if type(module) is nn.Linear and node.args and isinstance(node.args[0], fx.Node):
-                return _call_module_site(node, module)
+                return _call_module_site(node, module, self.names)
             return None
         if node.op in ("call_function", "call_method") and _is_matmul(node):
             x, other = node.args[0], node.args[1]
@@ -223,12 +196,12 @@ def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
     return value
 
 
-def _call_module_site(node: fx.Node, module: nn.Linear) -> LinearSite:
-    module_name = str(node.target)
+def _call_module_site(node: fx.Node, module: nn.Linear, names: ParameterNames) -> LinearSite:
     return LinearSite(
         node=node, form="call_module", input=node.args[0], bias=None, weight_node=None,
-        parameter=module.weight, is_parameter=True, transposed=False, module_name=module_name,
-        param_name="weight", shape=tuple(module.weight.shape), dtype=module.weight.dtype,
+        parameter=module.weight, is_parameter=True, transposed=False,
+        weight_names=names.for_attr(f"{node.target}.weight", module.weight),
+        shape=tuple(module.weight.shape), dtype=module.weight.dtype,
         input_rank=_rank(node.args[0]),
     )
 

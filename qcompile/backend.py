@@ -2,10 +2,11 @@
 
     torch.compile(model, backend="qcompile", options={"config": "quant.json"})
 
-For each graph dynamo captures: find the linear sites, plan them with the config,
-pack each chosen weight once (cached per parameter), rewrite the sites to
-``torch.ops.qcompile.*`` ops, log the plan, and hand the graph to the inner
-compiler. The entry point ``torch_dynamo_backends: qcompile`` makes the name
+For each graph dynamo captures: find the linear sites and every name of their
+weights, plan them with the config, rewrite the sites to
+``torch.ops.qcompile.quantized_linear`` (which finds each parameter's packed form per
+call), pack the weights, log the plan, and hand the graph to the inner compiler.
+The entry point ``torch_dynamo_backends: qcompile`` makes the name
 work in an interpreter that never imported qcompile.
 """
 
@@ -19,20 +20,22 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dynamo.exc import ShortenTraceback
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
 from qcompile.ops.dispatch import KERNELS
-from qcompile.pack_cache import packed_weight, release_parameter
+from qcompile.pack_cache import packed_weight
 from qcompile.passes.plan import SitePlan
-from qcompile.passes.rewrite_linear import rewrite_linears, weight_fully_rewritten
+from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites
+from qcompile.release import kept_reason, note_float_reads, release
 from qcompile.report import Plan, rows_for
 
 log = logging.getLogger("qcompile")
 
 INNER = ("inductor", "eager")
-_OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "on_plan", "mode")
+_OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "quantize_trainable", "on_plan", "mode")
 # inductor's modes; torch.compile refuses `mode` together with `options`, so it is also an option here.
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -44,7 +47,10 @@ class BackendOptions:
     config: a path (.json/.toml), a dict, or a QuantConfig; default: ``QuantConfig()``.
     inner: "inductor" (default), "eager", or a backend callable ``(gm, example_inputs) -> callable``.
     kernels: "auto" (Triton on CUDA, reference torch code on CPU), "reference", or "triton".
-    release_weights: free each packed parameter's floating-point data after packing.
+    release_weights: free each packed parameter's floating-point data after the first call, where that
+        is safe (``qcompile/release.py``); the plan says which weights were kept and why.
+    quantize_trainable: also quantize weights that require grad while grad is enabled (default: they stay
+        float, skipped in the plan; quantized weights never get a gradient).
     on_plan: called with the :class:`~qcompile.report.Plan` of every graph compiled.
     mode: inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...), for the inner inductor.
     """
@@ -53,6 +59,7 @@ class BackendOptions:
     inner: str | Callable[..., Any] = "inductor"
     kernels: str = "auto"
     release_weights: bool = False
+    quantize_trainable: bool = False
     on_plan: Callable[[Plan], None] | None = None
     mode: str | None = None
 
@@ -71,6 +78,9 @@ class BackendOptions:
         release = options.get("release_weights", False)
         if not isinstance(release, bool):
             raise ValueError(f"options.release_weights: expected true or false, got {release!r}")
+        trainable = options.get("quantize_trainable", False)
+        if not isinstance(trainable, bool):
+            raise ValueError(f"options.quantize_trainable: expected true or false, got {trainable!r}")
         on_plan = options.get("on_plan")
         if on_plan is not None and not callable(on_plan):
             raise ValueError(f"options.on_plan: expected a callable, got {on_plan!r}")
@@ -81,7 +91,8 @@ class BackendOptions:
             raise ValueError(f"options.mode: {mode!r} applies to inner='inductor' only, not {inner!r}")
         return cls(
             config=config_module.load(options.get("config")),
-            inner=inner, kernels=kernels, release_weights=release, on_plan=on_plan, mode=mode,
+            inner=inner, kernels=kernels, release_weights=release, quantize_trainable=trainable, on_plan=on_plan,
+            mode=mode,
         )
 
 
@@ -90,46 +101,65 @@ def _graph_id(gm: fx.GraphModule) -> str:
     return str(compile_id) if compile_id is not None else "0"
 
 
-def _pack(plan: SitePlan) -> Any:
-    site = plan.site
-    return packed_weight(site.parameter, plan.scheme, site.transposed, site.qualified_name)
+class QcompileError(ShortenTraceback, ValueError):
+    """A user error found while compiling (a bad option or config, a weight that cannot be used).
+
+    Dynamo wraps any other exception a backend raises in ``BackendCompilerFailed``; this one it
+    passes through, so the user sees qcompile's ``ValueError`` (it is one) and its message first.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, first_useful_frame=None)
 
 
 def quantize_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
-) -> tuple[Plan, list[torch.nn.Parameter]]:
-    """Plan, pack and rewrite ``gm`` in place; returns the plan and the parameters that may be released."""
+) -> tuple[Plan, list[SitePlan]]:
+    """Plan and rewrite ``gm`` in place; returns the plan and the sites whose weights may be released."""
     start = time.perf_counter()
+    graph_id = _graph_id(gm)
     sites = find_linear_sites(gm, example_inputs)
-    plans = opts.config.plan(sites)
-    rewritten = rewrite_linears(gm, plans, _pack, opts.kernels)
-    plan = Plan(tuple(rows_for(plans, _graph_id(gm), set())), pass_seconds=time.perf_counter() - start)
+    plans = opts.config.plan(sites, quantize_trainable=opts.quantize_trainable)
+    for plan in plans:
+        if plan.site.parameter is not None and plan.site.parameter.device.type == "meta":
+            raise ValueError(f"{plan.site.qualified_name}: weight is on the meta device (not loaded); load the "
+                             "model's weights before compiling (e.g. load_state_dict(..., assign=True))")
+    rewritten = rewrite_linears(gm, plans, opts.kernels)
+    for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
+        packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
+    names = {id(s.parameter): s.qualified_name for s in sites if s.parameter is not None}
+    note_float_reads(gm, example_inputs, graph_id, names)
     trainable = [p.site.qualified_name for p in rewritten if p.site.parameter.requires_grad]
     if trainable and torch.is_grad_enabled():
-        # Quantized weights are frozen: gradients reach the input and bias only (the QLoRA path).
+        # Only with quantize_trainable: quantized weights are frozen, gradients reach x and bias only.
         log.warning("qcompile: %d quantized weights require grad but will get no gradient (e.g. %s); "
                     "freeze them (requires_grad_(False)) or skip them in the config", len(trainable), trainable[0])
+    release_notes: dict[int, str] = {}
     releasable = []
     if opts.release_weights:
-        # Only a weight nothing else in this graph reads (no tied embedding, say) is released.
-        releasable = [p.site.parameter for p in rewritten if weight_fully_rewritten(p.site)]
-    return plan, releasable
+        for plan in rewritten:
+            reason = kept_reason(plan)
+            release_notes[id(plan)] = f"kept: {reason}" if reason else "released after the first call"
+            if reason is None:
+                releasable.append(plan)
+    rows = rows_for(plans, graph_id, set(), release_notes)
+    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), releasable
 
 
-def _release_after_first_call(compiled: Callable[..., Any], parameters: list[torch.nn.Parameter]) -> Callable:
-    """Wrap ``compiled`` so the parameters are released after its first call.
+def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan]) -> Callable:
+    """Wrap ``compiled`` so the sites' weights are released after its first call.
 
     Dynamo checks its guards against the parameters right after the backend returns,
     so they cannot change during compilation. Once released, the parameters' new
     strides fail the guards of this graph: the next call recompiles once and the new
-    graph reuses the cached packed weights.
+    graph finds the packed weights that were made before the release.
     """
-    pending = list(parameters)
+    pending = list(plans)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         out = compiled(*args, **kwargs)
         while pending:
-            release_parameter(pending.pop())
+            release(pending.pop())
         return out
 
     # Inductor's compiled functions take one list argument; the flag tells dynamo so.
@@ -138,19 +168,48 @@ def _release_after_first_call(compiled: Callable[..., Any], parameters: list[tor
     return call
 
 
-def qcompile_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
-    mode: str | None = None,
-) -> Callable[..., Any]:
-    """The torch.compile backend: quantize the graph's linear layers, then run the inner compiler."""
-    opts = BackendOptions.from_options(options)
-    plan, releasable = quantize_graph(gm, example_inputs, opts)
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
+    try:
+        plan, releasable = quantize_graph(gm, example_inputs, opts)
+    except ValueError as e:
+        raise QcompileError(str(e)) from e
     if plan.rows:
         log.info("qcompile plan for graph %s (passes took %.3fs):\n%s", _graph_id(gm), plan.pass_seconds, plan.table())
     if opts.on_plan is not None:
         opts.on_plan(plan)
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
     return _release_after_first_call(compiled, releasable) if releasable else compiled
+
+
+def qcompile_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """The torch.compile backend: quantize the graph's linear layers, then run the inner compiler.
+
+    Options arrive with the first graph, so a bad option or config raises then, as a ``ValueError``
+    (:class:`QcompileError`) that dynamo does not wrap; :func:`make_backend` checks them earlier.
+    """
+    try:
+        opts = BackendOptions.from_options(options)
+    except ValueError as e:
+        raise QcompileError(str(e)) from e
+    return _compile(gm, example_inputs, opts, mode)
+
+
+def make_backend(**options: Any) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
+    """A qcompile backend with ``options`` checked (and the config loaded) now, not at the first call.
+
+        torch.compile(model, backend=qcompile.make_backend(config="quant.json"))
+
+    Raises ValueError naming the bad option or config key.
+    """
+    opts = BackendOptions.from_options(options)
+
+    def qcompile(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return _compile(gm, example_inputs, opts, None)
+
+    return qcompile
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):

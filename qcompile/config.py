@@ -111,16 +111,36 @@ class QuantConfig:
     # ---- deciding ----------------------------------------------------------
     def scheme_for(self, module_name: str) -> tuple[Scheme | None, str]:
         """The scheme for a module (None: keep it as is) and why, as a short text."""
-        for rule in self.rules:
-            if rule.matches(module_name):
-                return rule.scheme, f"rule {rule.match!r}"
-        return self.default, "default"
+        _, scheme, decided_by = self._decide(module_name)
+        return scheme, decided_by
 
-    def plan(self, sites: Sequence[LinearSite]) -> list[SitePlan]:
-        """A scheme or a skip reason for every linear site of a graph."""
+    def _decide(self, module_name: str) -> tuple[int, Scheme | None, str]:
+        for index, rule in enumerate(self.rules):
+            if rule.matches(module_name):
+                return index, rule.scheme, f"rule {rule.match!r}"
+        return len(self.rules), self.default, "default"
+
+    def scheme_for_names(self, module_names: Sequence[str]) -> tuple[Scheme | None, str]:
+        """The scheme for a weight reachable under several module names (a tied head), and why.
+
+        Skipped if any name is skipped (a tied ``lm_head`` stays float under the default
+        ``lm_head`` skip, as in transformers); otherwise the earliest rule matching any name
+        wins over the default. With one name this is :meth:`scheme_for`.
+        """
+        if not module_names:
+            raise ValueError("module_names: expected at least one module name")
+        decisions = [(*self._decide(name), name) for name in module_names]
+        skipped = [d for d in decisions if d[1] is None]
+        index, scheme, decided_by, name = min(skipped or decisions, key=lambda d: d[0])
+        if len(module_names) > 1 and name != module_names[0]:
+            decided_by = f"{decided_by} on {name}"
+        return scheme, decided_by
+
+    def plan(self, sites: Sequence[LinearSite], quantize_trainable: bool = False) -> list[SitePlan]:
+        """A scheme or a skip reason for every linear site of a graph (see ``passes.plan.plan_sites``)."""
         from qcompile.passes.plan import plan_sites
 
-        return plan_sites(sites, self)
+        return plan_sites(sites, self, quantize_trainable)
 
     # ---- loading and saving ------------------------------------------------
     @classmethod

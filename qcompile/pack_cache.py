@@ -1,57 +1,158 @@
-"""Packed weights, made once per (parameter, scheme) and shared by every graph that uses them.
+"""Packed weights, found at run time from the parameter a call was given, and never stale.
 
-Graph breaks and recompiles hand the backend the same ``nn.Parameter`` objects,
-so keying on the parameter (weakly: the cache never keeps a model alive) lets a
-new graph reuse the packed tensors instead of packing, and storing, them again.
+Dynamo reuses one graph for every instance of a model class (parameters are graph inputs), so a
+packed weight must not be a constant of the graph: the rewritten op takes the float parameter and
+asks :func:`packed_weight` for its packed form on every call. The cache is keyed weakly by the
+parameter object (the cache never keeps a model alive) and by ``(scheme, transposed)``.
+
+Each entry records a stamp of the parameter when it was packed: its version counter (bumped by
+every in-place write: ``load_state_dict``, ``copy_``, optimizer steps), data pointer, dtype,
+device and shape (``model.to(...)`` and ``param.data = ...`` swap the data). A call whose
+parameter no longer matches its stamp repacks it, logging the parameter's name. Writes through
+``param.data`` (a tensor with its own version counter) are invisible to the stamp: call
+:func:`invalidate` after such writes.
+
+Per call this costs one weak-dictionary lookup and the stamp comparison (measured by
+``benchmarks/call_overhead.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
+import weakref
+from collections.abc import Iterable
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from qcompile.formats import PackedWeight, Scheme
 
+log = logging.getLogger("qcompile")
+
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+# Tensors that alias a packed parameter's data (an autograd-saved copy of it, say) find the
+# parameter here: (data_ptr, shape, stride, dtype, device) -> the parameter, weakly.
+_BY_DATA: dict[tuple, weakref.ref] = {}
 _LOCK = threading.Lock()
 
 
-def packed_weight(parameter: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> PackedWeight:
-    """The packed form of ``parameter`` (used as ``parameter.T`` when ``transposed``), packing on first use."""
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change outside it)
+        return -1
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return (_version(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+def _data_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+@dataclasses.dataclass
+class _Entry:
+    packed: PackedWeight
+    stamp: tuple
+
+
+def _owner(weight: torch.Tensor) -> torch.Tensor:
+    """The packed parameter ``weight`` is (or aliases, with the same data, shape and strides)."""
+    if weight in _PACKED:
+        return weight
+    ref = _BY_DATA.get(_data_key(weight))
+    owner = ref() if ref is not None else None
+    if owner is not None and _data_key(owner) == _data_key(weight):
+        return owner
+    return weight
+
+
+def is_released(parameter: torch.Tensor) -> bool:
+    """True once :func:`release_parameter` dropped the parameter's floating-point data."""
+    return bool(getattr(parameter, "_qcompile_released", False))
+
+
+def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> PackedWeight:
+    """The packed form of ``weight`` (used as ``weight.T`` when ``transposed``), packing when missing or stale."""
     key = (scheme, transposed)
+    owner = _owner(weight)
+    entries = _PACKED.get(owner)
+    entry = entries.get(key) if entries is not None else None
+    if entry is not None and entry.stamp == _stamp(owner):
+        return entry.packed
     with _LOCK:
-        per_param = _PACKED.get(parameter)
-        if per_param is not None and key in per_param:
-            return per_param[key]
-    if getattr(parameter, "_qcompile_released", False):
-        raise ValueError(
-            f"{name}: its floating-point data was released (release_weights=True) before it was packed "
-            f"with {scheme}; compile with the same config or keep the weights"
-        )
-    with torch.no_grad():
-        weight = parameter.detach()
-        packed = scheme.pack(weight.t() if transposed else weight, name=name)
-    with _LOCK:
-        per_param = _PACKED.setdefault(parameter, {})
-        return per_param.setdefault(key, packed)
+        entries = _PACKED.get(owner)
+        entry = entries.get(key) if entries is not None else None
+        if entry is not None and entry.stamp == _stamp(owner):
+            return entry.packed
+        if is_released(owner):
+            raise ValueError(
+                f"{name}: its floating-point data was released (release_weights=True), so it cannot be "
+                f"packed with {scheme}; compile with the config it was packed with, or keep the weights"
+            )
+        if entry is not None:
+            log.info("qcompile: %s changed since it was packed (version %d -> %d); repacking",
+                     name, entry.stamp[0], _version(owner))
+        if owner.device.type == "meta":
+            raise ValueError(f"{name}: weight is on the meta device (not loaded); load its data before running")
+        with torch.no_grad():
+            detached = owner.detach()
+            packed = scheme.pack(detached.t() if transposed else detached, name=name)
+        _PACKED.setdefault(owner, {})[key] = _Entry(packed, _stamp(owner))
+        _BY_DATA[_data_key(owner)] = weakref.ref(owner)
+        if len(_BY_DATA) > 2 * len(_PACKED) + 64:
+            _prune_data_index()
+        return packed
+
+
+def _prune_data_index() -> None:
+    for key in [k for k, ref in _BY_DATA.items() if ref() is None or _data_key(ref()) != k]:
+        del _BY_DATA[key]
 
 
 def cached_packed_weights(parameter: torch.Tensor) -> list[PackedWeight]:
     """All packed forms made so far for ``parameter`` (for tests and memory accounting)."""
     with _LOCK:
-        return list(_PACKED.get(parameter, {}).values())
+        return [entry.packed for entry in _PACKED.get(parameter, {}).values()]
+
+
+def invalidate(parameters: torch.nn.Module | Iterable[torch.Tensor]) -> int:
+    """Forget the packed forms of ``parameters`` (a module: all of its parameters); returns how many.
+
+    Needed only after writing a parameter through ``param.data`` (which bypasses the version
+    counter); every other change is seen on the next call. A released parameter cannot be repacked.
+    """
+    params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
+    dropped = 0
+    with _LOCK:
+        for p in params:
+            entries = _PACKED.get(p)
+            if entries and not is_released(p):
+                dropped += len(entries)
+                del _PACKED[p]
+    return dropped
 
 
 def release_parameter(parameter: torch.nn.Parameter) -> None:
     """Drop the parameter's floating-point storage, keeping its shape, dtype and device.
 
-    The data becomes a single NaN broadcast to the original shape, so an eager call
-    that still reads it produces NaN rather than a plausible wrong answer.
+    The data becomes a single NaN broadcast to the original shape (one element of storage), so
+    anything that still reads it gets NaN, never a plausible wrong answer; the backend only
+    releases weights nothing else reads, and guards the owning modules' eager forward. The packed
+    forms made so far stay valid: their stamps move to the new data.
     """
-    if getattr(parameter, "_qcompile_released", False):
+    if is_released(parameter):
         return
-    nan = torch.full((1,), float("nan"), dtype=parameter.dtype, device=parameter.device)
-    parameter.data = nan.expand(parameter.shape)
-    parameter._qcompile_released = True
+    with _LOCK:
+        nan = torch.full((1,), float("nan"), dtype=parameter.dtype, device=parameter.device)
+        entries = _PACKED.get(parameter, {})
+        fresh = {key: entry for key, entry in entries.items() if entry.stamp == _stamp(parameter)}
+        parameter.data = nan.expand(parameter.shape)
+        parameter._qcompile_released = True
+        for entry in fresh.values():
+            entry.stamp = _stamp(parameter)
+        if fresh:
+            _BY_DATA[_data_key(parameter)] = weakref.ref(parameter)

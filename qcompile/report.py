@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from qcompile.dtypes import dtype_name
 from qcompile.formats import Scheme
@@ -27,7 +27,7 @@ class PlanRow:
     """One linear site of one graph."""
 
     graph: str  # dynamo's id of the graph ("frame/recompile"); graph breaks and recompiles give several
-    module: str
+    module: str  # the module's name as named_modules() gives it; "<node>" when it could not be resolved
     form: str
     shape: tuple[int, ...]
     dtype: str
@@ -36,14 +36,19 @@ class PlanRow:
     bytes_after: int  # equal to bytes_before when skipped
     skip_reason: str | None
     shared: bool  # a site whose weight another row already counted (tied or repeated)
+    aliases: tuple[str, ...] = ()  # other module names holding the same weight (a tied head's embedding)
+    release: str | None = None  # with release_weights: "released ..." or "kept: <why>"
 
     @property
     def quantized(self) -> bool:
         return self.scheme is not None
 
 
-def rows_for(plans: Sequence[SitePlan], graph: str, seen_weights: set[int]) -> list[PlanRow]:
-    """Rows for one graph's plans. ``seen_weights`` (ids of parameters) dedups shared weights across rows."""
+def rows_for(
+    plans: Sequence[SitePlan], graph: str, seen_weights: set[int], release_notes: Mapping[int, str] | None = None
+) -> list[PlanRow]:
+    """Rows for one graph's plans. ``seen_weights`` (ids of parameters) dedups shared weights across rows;
+    ``release_notes`` maps ``id(plan)`` to what release_weights did with its weight."""
     rows = []
     for plan in plans:
         site = plan.site
@@ -55,9 +60,10 @@ def rows_for(plans: Sequence[SitePlan], graph: str, seen_weights: set[int]) -> l
         shared = key is not None and key in seen_weights
         if key is not None:
             seen_weights.add(key)
+        module_names = site.module_names
         rows.append(PlanRow(
             graph=graph,
-            module=site.module_name or (site.qualified_name if site.module_name == "" else f"<{site.node.name}>"),
+            module=module_names[0] if module_names else f"<{site.node.name}>",
             form=site.form,
             shape=tuple(site.shape),
             dtype=dtype_name(site.dtype) if site.dtype is not None else "?",
@@ -66,6 +72,8 @@ def rows_for(plans: Sequence[SitePlan], graph: str, seen_weights: set[int]) -> l
             bytes_after=after,
             skip_reason=plan.skip_reason,
             shared=shared,
+            aliases=module_names[1:],
+            release=(release_notes or {}).get(id(plan)),
         ))
     return rows
 
@@ -110,9 +118,12 @@ class Plan:
         lines = [header]
         for r in self.rows:
             what = r.scheme if r.quantized else f"skip: {r.skip_reason}"
+            if r.release:
+                what += f"; {r.release}"
             shape = "x".join(map(str, r.shape))
             after = _size(r.bytes_after) + (" (shared)" if r.shared else "")
-            lines.append((str(r.graph), r.module, shape, r.dtype, what, _size(r.bytes_before), after))
+            module = r.module + (f" (= {', '.join(r.aliases)})" if r.aliases else "")
+            lines.append((str(r.graph), module, shape, r.dtype, what, _size(r.bytes_before), after))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
         out.insert(1, "  ".join("-" * w for w in widths))

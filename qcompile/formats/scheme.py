@@ -203,6 +203,12 @@ class PackedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def grad_input(self, grad: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        """``grad @ W`` for the gradient of ``x``: in the scheme's compute dtype if it has one
+        (as bitsandbytes' 4-bit backward), else in ``x_dtype``; returned in ``x_dtype``."""
+        dtype = getattr(self.scheme, "compute_dtype", None) or x_dtype
+        return (grad.to(dtype) @ self.dequantize(dtype)).to(x_dtype)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed tensors (codes, scales, nested state, tables)."""

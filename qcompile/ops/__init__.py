@@ -5,7 +5,13 @@ bias only: quantized weights are frozen) and a plain-torch reference implementat
 (``<op>_reference``) that the Triton kernels in ``qcompile.codegen`` are tested against.
 """
 
-from qcompile.ops import linear_4bit, linear_int8, linear_int8_weight_only, linear_w8a8_dynamic
+from qcompile.ops import (
+    linear_4bit,
+    linear_int8,
+    linear_int8_weight_only,
+    linear_w8a8_dynamic,
+    quantized_linear,
+)
 from qcompile.ops.dispatch import KERNELS, check_kernels, use_triton
 
 __all__ = [
@@ -15,5 +21,6 @@ __all__ = [
     "linear_int8",
     "linear_int8_weight_only",
     "linear_w8a8_dynamic",
+    "quantized_linear",
     "use_triton",
 ]

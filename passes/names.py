@@ -1,0 +1,193 @@
+"""The names of the parameters a dynamo graph reads, exactly as ``named_parameters()`` gives them.
+
+Dynamo hands the backend each parameter as a placeholder whose ``grapharg.source`` is a chain of
+source objects, e.g. for transformers 5.24, whose ``forward`` is wrapped by a decorator taking
+``*args``::
+
+    L['args'] -> [0] -> <nn.Module> -> ._modules -> ['model'] -> <nn.Module> -> ... -> ._parameters -> ['weight']
+
+The root of the chain is whatever held the model (``L['self']``, ``L['args'][0]``, a global, a
+closure cell, an item of a list of models). Names are relative to the *first* ``nn.Module`` in the
+chain, the one dynamo marks with an ``NNModuleSource``:
+
+1. The chain is walked as source objects (never as text), giving the structural name
+   (``model.layers.0.q_proj.weight``).
+2. The first module itself is looked up from dynamo's frame when dynamo is tracing, and every
+   name the parameter has under it (``named_parameters(remove_duplicate=False)``) is an alias:
+   a tied head is found as both ``model.embed_tokens.weight`` and ``lm_head.weight``.
+
+A parameter whose chain has a step this module does not understand gets no name (an empty
+``WeightNames``), which the plan shows as unresolved; it is never given a guessed name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+from collections.abc import Iterator
+from typing import Any
+
+from torch import fx, nn
+from torch._dynamo import source as dynamo_source
+
+log = logging.getLogger("qcompile")
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNames:
+    """Every qualified name of one parameter under the model's first ``nn.Module`` (primary first).
+
+    ``names`` is empty when the name could not be resolved. ``root`` is that first module when it
+    could be found (needed to reach the modules owning the parameter), else None.
+    """
+
+    names: tuple[str, ...] = ()
+    root: nn.Module | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.names)
+
+    def owners(self) -> list[tuple[str, nn.Module]]:
+        """``(module name, module)`` for each module holding the parameter under one of its names."""
+        if self.root is None:
+            return []
+        out = []
+        for name in self.names:
+            module_name = name.rpartition(".")[0]
+            try:
+                out.append((module_name, self.root.get_submodule(module_name)))
+            except AttributeError:
+                continue
+        return out
+
+
+def _chain(source: Any) -> list[Any]:
+    """The source and its bases, root first."""
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None) if isinstance(source, dynamo_source.ChainedSource) else None
+    return chain[::-1]
+
+
+def _structural_parts(steps: list[Any]) -> list[str] | None:
+    """Name parts for the steps after the first module's marker, or None for a step not understood."""
+    parts: list[str] = []
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        if isinstance(step, dynamo_source.NNModuleSource):
+            i += 1  # a marker: the value of its base is a module
+            continue
+        if isinstance(step, dynamo_source.AttrSource) and step.member in ("_modules", "_parameters", "_buffers"):
+            # module._modules['fc'] / ._parameters['weight']: the key is the name part.
+            key = steps[i + 1] if i + 1 < len(steps) else None
+            if not isinstance(key, dynamo_source.DictGetItemSource) or not isinstance(key.index, str):
+                return None
+            parts.append(key.index)
+            i += 2
+            continue
+        if isinstance(step, dynamo_source.AttrSource):
+            parts.append(step.member)  # a specialized module's attribute: L['self'].fc.weight
+        elif isinstance(step, dynamo_source.GetItemSource) and isinstance(step.index, (int, str)):
+            parts.append(str(step.index))
+        else:
+            return None
+        i += 1
+    return parts
+
+
+def _evaluate(steps: list[Any], f_locals: dict[str, Any], f_globals: dict[str, Any]) -> Any:
+    """The value of a source chain in dynamo's root frame, or _MISSING for a step not understood."""
+    value: Any = _MISSING
+    for step in steps:
+        if isinstance(step, dynamo_source.LocalSource):
+            value = f_locals.get(step.local_name, _MISSING)
+            if step.is_derefed_cell_contents and isinstance(value, types.CellType):
+                value = value.cell_contents
+        elif isinstance(step, dynamo_source.GlobalSource):
+            value = f_globals.get(step.global_name, _MISSING)
+        elif isinstance(step, dynamo_source.NNModuleSource):
+            continue
+        elif isinstance(step, dynamo_source.AttrSource):
+            value = getattr(value, step.member, _MISSING)
+        elif isinstance(step, (dynamo_source.GetItemSource, dynamo_source.DictGetItemSource)):
+            try:
+                value = value[step.index]
+            except (KeyError, IndexError, TypeError):
+                return _MISSING
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _dynamo_frame() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The locals and globals of the frame dynamo is compiling, when called from inside a backend."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        root = tx.output.root_tx
+        return root.f_locals, root.f_globals
+    except (AttributeError, AssertionError, RuntimeError, ImportError):
+        return None
+
+
+class ParameterNames:
+    """Resolves the names of one graph's weights; one instance per backend call."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self._frame = _dynamo_frame()
+        self._aliases: dict[int, dict[int, list[str]]] = {}  # id(root module) -> id(param) -> names
+
+    def _alias_map(self, root: nn.Module) -> dict[int, list[str]]:
+        if id(root) not in self._aliases:
+            names: dict[int, list[str]] = {}
+            for name, param in root.named_parameters(remove_duplicate=False):
+                names.setdefault(id(param), []).append(name)
+            self._aliases[id(root)] = names
+        return self._aliases[id(root)]
+
+    def _with_aliases(self, structural: str | None, tensor: Any, root: Any) -> WeightNames:
+        if isinstance(root, nn.Module):
+            aliases = self._alias_map(root).get(id(tensor), [])
+            if aliases:
+                ordered = [structural] if structural in aliases else []
+                ordered += [a for a in aliases if a not in ordered]
+                return WeightNames(tuple(ordered), root)
+        return WeightNames((structural,) if structural else (), root if isinstance(root, nn.Module) else None)
+
+    def for_placeholder(self, node: fx.Node, tensor: Any) -> WeightNames:
+        """The names of the parameter behind a dynamo placeholder (empty when unresolved)."""
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None:
+            return WeightNames()
+        chain = _chain(source)
+        first = next((i for i, s in enumerate(chain) if isinstance(s, dynamo_source.NNModuleSource)), None)
+        if first is None:
+            return WeightNames()
+        parts = _structural_parts(chain[first:])
+        structural = ".".join(parts) if parts else None
+        root: Any = _MISSING
+        if self._frame is not None:
+            root = _evaluate(chain[:first], *self._frame)
+        if structural is None and not isinstance(root, nn.Module):
+            log.warning("qcompile: cannot name the parameter behind %s (source %s)", node.name, source.name)
+        return self._with_aliases(structural, tensor, root)
+
+    def for_attr(self, target: str, tensor: Any) -> WeightNames:
+        """Names for a ``get_attr`` / ``call_module`` weight: the graph module is the model."""
+        return self._with_aliases(target, tensor, self.gm)
+
+
+def iter_module_names(names: WeightNames) -> Iterator[str]:
+    """The module part of each name (``lm_head`` for ``lm_head.weight``)."""
+    for name in names.names:
+        yield name.rpartition(".")[0]
