@@ -48,16 +48,22 @@ def _site_problem(site: LinearSite) -> str | None:
     return None
 
 
-def _weight_problem(site: LinearSite, quantize_trainable: bool) -> str | None:
+def _weight_problem(site: LinearSite) -> str | None:
     """A reason to leave a parameter weight alone that is about the weight, not the config."""
     weight = site.parameter
     if weight is not None and weight.device.type == "meta":
         return "weight is on the meta device (not loaded)"
     if not site.weight_names.resolved:
         return "the parameter's name could not be resolved from dynamo's source"
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not quantize_trainable:
-        return "trainable: requires grad (an adapter or an unfrozen weight); quantized weights get no gradient"
     return None
+
+
+def _is_trainable(site: LinearSite) -> bool:
+    weight = site.parameter
+    return weight is not None and weight.requires_grad and torch.is_grad_enabled()
+
+
+TRAINABLE = "trainable: requires grad (an adapter or an unfrozen weight); quantized weights get no gradient"
 
 
 def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_trainable: bool = False) -> list[SitePlan]:
@@ -69,13 +75,16 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
     """
     plans = []
     for site in sites:
-        problem = _site_problem(site) or _weight_problem(site, quantize_trainable)
+        problem = _site_problem(site) or _weight_problem(site)
         if problem is not None:
             plans.append(SitePlan(site, None, problem, "site"))
             continue
         scheme, decided_by = config.scheme_for_names(site.module_names)
         if scheme is None:
             plans.append(SitePlan(site, None, f"skipped by {decided_by}", decided_by))
+            continue
+        if _is_trainable(site) and not quantize_trainable:
+            plans.append(SitePlan(site, None, TRAINABLE, "site"))
             continue
         reason = scheme.unsupported_reason(site.shape, site.dtype)
         if reason is not None:

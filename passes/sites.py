@@ -94,8 +94,7 @@ class _SiteFinder:
             tensor = self.real.get(node)
             if not isinstance(tensor, torch.Tensor):
                 return None, False, WeightNames()
-            is_param = isinstance(tensor, nn.Parameter)
-            return tensor, is_param, self.names.for_placeholder(node, tensor) if is_param else WeightNames()
+            return tensor, isinstance(tensor, nn.Parameter), self.names.for_placeholder(node, tensor)
         if node.op == "get_attr":
             tensor = _get_attr(self.gm, str(node.target))
             return tensor, isinstance(tensor, nn.Parameter), self.names.for_attr(str(node.target), tensor)

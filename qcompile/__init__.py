@@ -24,6 +24,8 @@ _EXPORTS = {
     "PackedWeight": "qcompile.formats",
     "pack": "qcompile.formats.pack",
     "explain": "qcompile.explainer",
+    "make_backend": "qcompile.backend",
+    "invalidate": "qcompile.pack_cache",
     "Plan": "qcompile.report",
 }
 

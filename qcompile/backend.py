@@ -26,7 +26,7 @@ from qcompile import config as config_module
 from qcompile.config import QuantConfig
 from qcompile.ops.dispatch import KERNELS
 from qcompile.pack_cache import packed_weight
-from qcompile.passes.plan import SitePlan
+from qcompile.passes.plan import TRAINABLE, SitePlan
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites
 from qcompile.release import kept_reason, note_float_reads, release
@@ -134,6 +134,11 @@ def quantize_graph(
         # Only with quantize_trainable: quantized weights are frozen, gradients reach x and bias only.
         log.warning("qcompile: %d quantized weights require grad but will get no gradient (e.g. %s); "
                     "freeze them (requires_grad_(False)) or skip them in the config", len(trainable), trainable[0])
+    frozen_out = [p.site.qualified_name for p in plans if p.skip_reason == TRAINABLE]
+    if frozen_out:
+        log.warning("qcompile: %d weights stay float because they require grad while grad is enabled (e.g. %s); "
+                    "run under torch.no_grad() / inference_mode, freeze them with requires_grad_(False), "
+                    "or pass quantize_trainable=True", len(frozen_out), frozen_out[0])
     release_notes: dict[int, str] = {}
     releasable = []
     if opts.release_weights:

@@ -19,10 +19,7 @@ ROOT = Path(__file__).parents[2]
 SEED_JSON = ROOT / "examples" / "bnb_nf4.json"
 FP32_NF4 = NF4(double_quant=True, compute_dtype=torch.float32)
 CONFIG = QuantConfig(default=FP32_NF4, rules=(Rule("lm_head", None),))
-QCOMPILE_OPS = {
-    torch.ops.qcompile.linear_4bit.default, torch.ops.qcompile.linear_int8.default,
-    torch.ops.qcompile.linear_int8_weight_only.default, torch.ops.qcompile.linear_w8a8_dynamic.default,
-}
+QCOMPILE_OPS = {torch.ops.qcompile.quantized_linear.default}
 
 
 class Recorder:
@@ -41,14 +38,10 @@ class Recorder:
     def op_count(self):
         return sum(1 for gm in self.graphs for n in gm.graph.nodes if n.target in QCOMPILE_OPS)
 
-    def packed_bytes(self):
-        """Bytes of the distinct packed tensors all compiled graphs hold."""
-        storages = {}
-        for gm in self.graphs:
-            for name, buf in gm.named_buffers():
-                if name.startswith("_qcompile_"):
-                    storages[buf.untyped_storage().data_ptr()] = buf.untyped_storage().nbytes()
-        return sum(storages.values())
+    @staticmethod
+    def packed_bytes(model):
+        """Bytes of the packed forms made for the model's parameters."""
+        return sum(p.nbytes for param in model.parameters() for p in cached_packed_weights(param))
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -71,10 +64,11 @@ def test_mlp_rewrite_fires_and_matches_dequantized_model(inner):
 
 def test_graph_contains_qcompile_ops_not_linears():
     rec = Recorder()
-    torch.compile(MLP(), backend="qcompile", options=rec.options())(torch.randn(2, 64))
+    with torch.no_grad():
+        torch.compile(MLP(), backend="qcompile", options=rec.options())(torch.randn(2, 64))
     gm, = rec.graphs
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.qcompile.linear_4bit.default) == 2
+    assert targets.count(torch.ops.qcompile.quantized_linear.default) == 2
     assert targets.count(torch._C._nn.linear) == 1  # lm_head
 
 
@@ -97,12 +91,12 @@ def test_recompile_for_new_shape_adds_no_packed_memory():
     compiled = torch.compile(model, backend="qcompile", dynamic=False, options=rec.options())
     with torch.no_grad():
         compiled(torch.randn(2, 64))
-        first = rec.packed_bytes()
+        first = rec.packed_bytes(model)
         compiled(torch.randn(7, 64))  # a new static shape: dynamo recompiles
         compiled(torch.randn(3, 5, 64))
     assert len(rec.graphs) >= 2
     assert first > 0
-    assert rec.packed_bytes() == first
+    assert rec.packed_bytes(model) == first
     assert len(cached_packed_weights(model.fc1.weight)) == 1
 
 
@@ -115,9 +109,10 @@ def test_shared_weight_is_packed_once():
     gm, = rec.graphs
     assert rec.op_count() == 2
     assert len(cached_packed_weights(model.fc1.weight)) == 1
-    names = [n for n, _ in gm.named_buffers() if n.startswith("_qcompile_")]
-    # one set of tensors (packed, absmax, code, nested absmax, nested code), none for fc2
-    assert len(names) == 5 and all(n.startswith("_qcompile_fc1_weight_") for n in names)
+    weights = {n.args[1] for n in gm.graph.nodes if n.target in QCOMPILE_OPS}
+    assert len(weights) == 1  # both ops read the one parameter, and its one packed form
+    assert [r.aliases for r in rec.plans[0].quantized] == [("fc2",), ("fc2",)]  # fc1 (= fc2), twice
+    assert [r.shared for r in rec.plans[0].quantized] == [False, True]
     assert torch.isfinite(out).all()
 
 
@@ -130,12 +125,13 @@ def test_release_weights_frees_float_data_and_keeps_results():
                                  options={"config": CONFIG, "inner": "eager", "release_weights": True})
         first = compiled(x)
         second = compiled(x)  # recompiles once: the released weights fail the stride guards
-        eager = model(x)
+        # the eager model says loudly that its weights are gone, never computes with them
+        with pytest.raises(RuntimeError, match=r"fc1\.weight was released"):
+            model(x)
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
     assert model.fc1.weight.untyped_storage().nbytes() == 4  # one float left
     assert model.lm_head.weight.untyped_storage().nbytes() == 32 * 128 * 4  # skipped: kept
-    assert torch.isnan(eager).all()  # the eager model now says loudly that its weights are gone
 
 
 def test_llm_int8_config_fires():
@@ -153,7 +149,7 @@ def test_llm_int8_config_fires():
 
 
 def test_plan_is_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="qcompile"):
+    with caplog.at_level(logging.INFO, logger="qcompile"), torch.no_grad():
         torch.compile(MLP(), backend="qcompile", options={"config": CONFIG, "inner": "eager"})(torch.randn(2, 64))
     text = caplog.text
     assert "fc1" in text and "skip: skipped by rule 'lm_head'" in text and "2 of 3 linear sites quantized" in text
@@ -169,8 +165,13 @@ def test_plan_is_logged(caplog):
     ({"config": CONFIG, "mode": "max-autotune", "inner": "eager"}, "options.mode"),
 ])
 def test_bad_options_name_the_key(options, key):
-    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+    # a ValueError whose message comes first, not dynamo's BackendCompilerFailed wrapping it
+    with pytest.raises(ValueError, match="^" + key.replace(".", r"\.")) as info:
         torch.compile(MLP(), backend="qcompile", options=options)(torch.randn(2, 64))
+    assert not isinstance(info.value, torch._dynamo.exc.BackendCompilerFailed)
+    # make_backend checks them before anything is compiled
+    with pytest.raises(ValueError, match="^" + key.replace(".", r"\.")):
+        qcompile.make_backend(**options)
 
 
 def test_explain_plans_without_packing():
@@ -229,7 +230,8 @@ def test_entry_point_works_without_importing_qcompile(tmp_path):
         assert "qcompile" not in sys.modules
         # the backend name is resolved through the torch_dynamo_backends entry point
         compiled = torch.compile(model, backend="qcompile", options={{"config": {str(SEED_JSON)!r}, "inner": "eager"}})
-        out = compiled(torch.randn(3, 64))
+        with torch.no_grad():
+            out = compiled(torch.randn(3, 64))
         assert out.shape == (3, 8)
         ops = [n for n in sys.modules["qcompile.pack_cache"]._PACKED.values()]
         print("packed", len(ops))
@@ -242,10 +244,14 @@ def test_entry_point_works_without_importing_qcompile(tmp_path):
 def test_gradients_reach_input_and_bias_not_the_frozen_weight(caplog):
     """The QLoRA path: backward through quantized linears to the input and biases."""
     model = MLP()
+    for linear in (model.fc1, model.fc2):
+        linear.weight.requires_grad_(False)  # the base weights are frozen, as peft does
     x = torch.randn(4, 64, requires_grad=True)
     reference = dequantized_reference(model, FP32_NF4)
+    rec = Recorder()
     with caplog.at_level(logging.WARNING, logger="qcompile"):
-        out = torch.compile(model, backend="qcompile", options={"config": CONFIG, "inner": "eager"})(x)
+        out = torch.compile(model, backend="qcompile", options=rec.options())(x)
+    assert rec.op_count() == 2
     out.square().sum().backward()
     grad_x = x.grad.clone()
     x.grad = None
@@ -254,7 +260,22 @@ def test_gradients_reach_input_and_bias_not_the_frozen_weight(caplog):
     torch.testing.assert_close(model.fc1.bias.grad, reference.fc1.bias.grad, rtol=1e-5, atol=1e-5)
     assert model.fc1.weight.grad is None
     assert model.lm_head.weight.grad is not None  # skipped, so still trained
-    assert "2 quantized weights require grad" in caplog.text
+    assert "require grad" not in caplog.text
+
+
+def test_trainable_weights_stay_float_and_the_user_is_told(caplog):
+    model = MLP()
+    x = torch.randn(4, 64, requires_grad=True)
+    rec = Recorder()
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        out = torch.compile(model, backend="qcompile", options=rec.options())(x)
+    assert rec.op_count() == 0
+    assert "2 weights stay float because they require grad" in caplog.text  # lm_head: skipped by rule
+    torch.testing.assert_close(out, model(x))
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="qcompile"):
+        torch.compile(model, backend="qcompile", options=rec.options(quantize_trainable=True))(x)
+    assert rec.op_count() == 2 and "2 quantized weights require grad but will get no gradient" in caplog.text
 
 
 def test_seed_config_bf16_compute_matches_reference_model():

@@ -5,7 +5,7 @@ import torch
 from torch import fx, nn
 
 from qcompile import NF4, QuantConfig, Rule
-from qcompile.passes.sites import find_linear_sites, source_to_qualified_name
+from qcompile.passes.sites import find_linear_sites
 
 
 def capture(model, *inputs):
@@ -43,17 +43,6 @@ class Forms(nn.Module):
         return h.sum() + a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
 
 
-def test_source_to_qualified_name():
-    assert source_to_qualified_name("L['self']._modules['fc1']._parameters['weight']") == ("fc1", "weight")
-    assert source_to_qualified_name(
-        "L['m']._modules['model']._modules['layers']._modules['0']._modules['q_proj']._parameters['weight']"
-    ) == ("model.layers.0.q_proj", "weight")
-    assert source_to_qualified_name("L['self']._parameters['w']") == ("", "w")
-    assert source_to_qualified_name("L['self'].blocks[3].weight") == ("blocks.3", "weight")
-    assert source_to_qualified_name("L['x']") is None
-    assert source_to_qualified_name("something()") is None
-
-
 def test_finds_every_form_and_resolves_names():
     model = Forms()
     sites, = capture(model, torch.randn(4, 8))
@@ -77,7 +66,8 @@ def test_finds_every_form_and_resolves_names():
 def test_plan_records_reasons():
     model = Forms()
     sites, = capture(model, torch.randn(4, 8))
-    plans = QuantConfig(default=NF4(), rules=(Rule("fc", None),)).plan(sites)
+    with torch.no_grad():
+        plans = QuantConfig(default=NF4(), rules=(Rule("fc", None),)).plan(sites)
     reasons = {(p.site.qualified_name if p.site.is_parameter else p.site.form): p.skip_reason for p in plans}
     assert reasons["fc.weight"] == "skipped by rule 'fc'"
     assert reasons["kin"] is None
@@ -86,10 +76,23 @@ def test_plan_records_reasons():
     assert computed.skip_reason == "weight is computed in the graph, not a parameter"
 
 
+def test_trainable_weights_stay_float_unless_asked():
+    model = Forms()
+    model.kin.requires_grad_(False)
+    sites, = capture(model, torch.randn(4, 8))
+    config = QuantConfig(default=NF4(), rules=())
+    plans = {p.site.qualified_name: p for p in config.plan(sites) if p.site.is_parameter}
+    assert plans["kin"].quantized
+    assert plans["fc.weight"].skip_reason.startswith("trainable: requires grad")
+    with torch.no_grad():
+        assert config.plan(sites)[0].quantized  # inference: grad is off, nothing is trained
+    assert config.plan(sites, quantize_trainable=True)[0].quantized
+
+
 def test_unsupported_dtype_and_shape_are_skipped_with_reason():
     model = nn.Linear(8, 4).to(torch.float64)
     sites, = capture(model, torch.randn(2, 8, dtype=torch.float64))
-    plan, = QuantConfig(default=NF4(), rules=()).plan(sites)
+    plan, = QuantConfig(default=NF4(), rules=()).plan(sites, quantize_trainable=True)
     assert plan.scheme is None and "float64" in plan.skip_reason
 
 
