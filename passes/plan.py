@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qcompile.formats import Scheme
-from qcompile.passes.sites import LinearSite
+from qcompile.passes.sites import LinearSite, float_reader
 
 if TYPE_CHECKING:
     from qcompile.config import QuantConfig
@@ -63,6 +63,24 @@ def _is_trainable(site: LinearSite) -> bool:
     return weight is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
+def decide_weight(
+    config: QuantConfig, module_names: Sequence[str], float_reader: str | None
+) -> tuple[Scheme | None, str, str | None]:
+    """(scheme, decided by, skip reason) for a weight held by ``module_names``.
+
+    ``float_reader`` names a module that reads the same weight in float (the embedding of a tied
+    head). The default scheme does not quantize such a weight, as transformers keeps tied heads in
+    float: the float copy stays for the embedding, so a packed one would add memory. A rule that
+    names one of the modules does quantize it.
+    """
+    scheme, decided_by = config.scheme_for_names(module_names)
+    if scheme is None:
+        return None, decided_by, f"skipped by {decided_by}"
+    if decided_by == "default" and float_reader is not None:
+        return None, decided_by, f"tied to {float_reader}, which reads it in float (a rule naming it quantizes it)"
+    return scheme, decided_by, None
+
+
 TRAINABLE = "trainable: requires grad (an adapter or an unfrozen weight); quantized weights get no gradient"
 
 
@@ -79,9 +97,9 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
         if problem is not None:
             plans.append(SitePlan(site, None, problem, "site"))
             continue
-        scheme, decided_by = config.scheme_for_names(site.module_names)
+        scheme, decided_by, skip = decide_weight(config, site.module_names, float_reader(site.weight_names))
         if scheme is None:
-            plans.append(SitePlan(site, None, f"skipped by {decided_by}", decided_by))
+            plans.append(SitePlan(site, None, skip, decided_by))
             continue
         if _is_trainable(site) and not quantize_trainable:
             plans.append(SitePlan(site, None, TRAINABLE, "site"))

@@ -205,6 +205,28 @@ def _call_module_site(node: fx.Node, module: nn.Linear, names: ParameterNames) -
     )
 
 
+def linear_weight_of(module: nn.Module) -> tuple[torch.Tensor, bool] | None:
+    """(weight, stored (in, out)) when ``module``'s forward is a plain linear of its weight, else None.
+
+    ``nn.Linear`` (and subclasses keeping its forward) and transformers' ``Conv1D`` (GPT-2), whose
+    forward reads the weight only in ``addmm``.
+    """
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return module.weight, False
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        return module.weight, True
+    return None
+
+
+def float_reader(weight_names: WeightNames) -> str | None:
+    """The first module holding the weight that is not a plain linear (a tied embedding), or None."""
+    for name, module in weight_names.owners():
+        if linear_weight_of(module) is None:
+            return name
+    return None
+
+
 def find_linear_sites(gm: fx.GraphModule, example_inputs: Sequence[object] = ()) -> list[LinearSite]:
     """Every linear op of ``gm``, in graph order.
 

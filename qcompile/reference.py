@@ -15,39 +15,62 @@ from torch import nn
 
 from qcompile.config import QuantConfig
 from qcompile.formats import Scheme
+from qcompile.passes.plan import decide_weight
+from qcompile.passes.sites import linear_weight_of
 
 
 class DequantizedLinear(nn.Module):
     """``F.linear`` with a packed-then-dequantized weight, in the scheme's compute dtype.
 
     4-bit schemes compute in their ``compute_dtype`` and return the input's dtype, as
-    bitsandbytes' ``Linear4bit`` does; other schemes compute in the input's dtype.
+    bitsandbytes' ``Linear4bit`` does; other schemes compute in the input's dtype. Under
+    ``torch.autocast`` the input is first cast to the autocast dtype, as the compiled op's is.
+    ``transposed`` is for a weight stored (in, out), as transformers' ``Conv1D`` (GPT-2) keeps it.
     """
 
-    def __init__(self, linear: nn.Linear, scheme: Scheme, name: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme, name: str,
+                 transposed: bool = False):
         super().__init__()
         with torch.no_grad():
-            packed = scheme.pack(linear.weight.detach(), name=name)
-            self.weight = nn.Parameter(packed.dequantize(linear.weight.dtype), requires_grad=False)
-        self.bias = linear.bias
+            w = weight.detach()
+            packed = scheme.pack(w.t() if transposed else w, name=name)
+            self.weight = nn.Parameter(packed.dequantize(weight.dtype), requires_grad=False)
+        self.bias = bias
         self.compute_dtype: torch.dtype | None = getattr(scheme, "compute_dtype", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
+        with torch.autocast(device, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(x.dtype)
 
 
 def dequantized_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """A deep copy of ``model`` with every ``nn.Linear`` the config quantizes made a :class:`DequantizedLinear`."""
+    """A deep copy of ``model`` with every linear the config quantizes made a :class:`DequantizedLinear`.
+
+    Linears are ``nn.Linear`` and transformers' ``Conv1D``. A weight reachable under several
+    names (a tied head) is decided on all of them, as the compiled model decides it
+    (``passes.plan.decide_weight``).
+    """
     reference = copy.deepcopy(model)
+    names: dict[int, list[str]] = {}
+    for name, param in reference.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name.rpartition(".")[0])
     for name, module in list(reference.named_modules()):
-        if type(module) is not nn.Linear:
+        found = linear_weight_of(module)
+        if found is None:
             continue
-        scheme, _ = config.scheme_for(name)
-        if scheme is None or scheme.unsupported_reason(tuple(module.weight.shape), module.weight.dtype):
+        weight, transposed = found
+        aliases = [name] + [n for n in names.get(id(weight), []) if n != name]
+        reader = next((n for n in aliases if linear_weight_of(reference.get_submodule(n)) is None), None)
+        scheme, _, _ = decide_weight(config, aliases, reader)
+        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        if scheme is None or scheme.unsupported_reason(shape, weight.dtype):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = reference.get_submodule(parent_name) if parent_name else reference
-        setattr(parent, child, DequantizedLinear(module, scheme, f"{name}.weight"))
+        setattr(parent, child, DequantizedLinear(weight, module.bias, scheme, f"{name}.weight", transposed))
     return reference

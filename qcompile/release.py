@@ -28,16 +28,10 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from qcompile.pack_cache import is_released, release_parameter
 from qcompile.passes.plan import SitePlan
 from qcompile.passes.rewrite_linear import reads_outside_quantized_linears
+from qcompile.passes.sites import linear_weight_of
 
 # Parameters some compiled graph read outside a quantized linear -> that graph's id (weak keys).
 _FLOAT_READERS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    cls = type(module)
-    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
-        return True
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def note_float_reads(gm: fx.GraphModule, example_inputs: Any, graph_id: str, names: dict[int, str]) -> None:
@@ -75,7 +69,7 @@ def kept_reason(plan: SitePlan) -> str | None:
     owners = names.owners()
     if not owners:
         return "its owning module could not be found"
-    odd = [(name, module) for name, module in owners if not _is_plain_linear(module)]
+    odd = [(name, module) for name, module in owners if linear_weight_of(module) is None]
     if odd:
         return f"owner {odd[0][0]} is a {type(odd[0][1]).__name__}, whose forward may read the weight"
     return None
