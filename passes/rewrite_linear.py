@@ -43,12 +43,12 @@ def _value(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _input_cast_to(graph: fx.Graph, site: LinearSite) -> fx.Node:
+def _input_cast_to(graph: fx.Graph, site: LinearSite, x_node: fx.Node) -> fx.Node:
     """The site's input, cast to the dtype the original op returned when that differs (autocast)."""
-    x, out = _value(site.input), _value(site.node)
+    x, out = _value(x_node), _value(site.node)
     if x is None or out is None or x.dtype == out.dtype or out.dtype not in _FLOAT_DTYPES:
-        return site.input
-    cast = graph.call_method("to", (site.input, out.dtype))
+        return x_node
+    cast = graph.call_method("to", (x_node, out.dtype))
     cast.meta["example_value"] = x.to(out.dtype)
     return cast
 
@@ -57,14 +57,20 @@ def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str)
     """Replace every quantized site of ``plans`` with ``quantized_linear``; returns the sites rewritten."""
     graph = gm.graph
     rewritten = []
+    # A site's input or bias can be an earlier site's node (chained linears: a LoRA's B(A(x))),
+    # replaced by then: follow the replacements.
+    replaced: dict[fx.Node, fx.Node] = {}
     for plan in plans:
         if plan.scheme is None:
             continue
         site = plan.site
+        bias = _bias_node(graph, site)
         with graph.inserting_before(site.node):
-            args = (_input_cast_to(graph, site), _weight_node(graph, site), _bias_node(graph, site),
-                    scheme_key(plan.scheme), site.transposed, site.qualified_name, kernels)
+            x = _input_cast_to(graph, site, replaced.get(site.input, site.input))
+            args = (x, _weight_node(graph, site), replaced.get(bias, bias), scheme_key(plan.scheme),
+                    site.transposed, site.qualified_name, kernels)
             new = graph.call_function(torch.ops.qcompile.quantized_linear.default, args=args)
+        replaced[site.node] = new
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("example_value", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         graph.erase_node(site.node)
