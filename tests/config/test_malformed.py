@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+import qcompile
 from qcompile import QuantConfig
 from qcompile.config import load
 
@@ -83,8 +85,18 @@ def test_malformed_config_names_the_key(config, key):
     assert key in str(info.value)
 
 
-def test_there_are_at_least_25_malformed_cases():
-    assert len(MALFORMED) >= 25
+@pytest.mark.parametrize(("config", "key"), MALFORMED[::5], ids=[k for _, k in MALFORMED[::5]])
+def test_malformed_config_is_refused_before_and_at_compile(config, key):
+    """make_backend refuses it before anything runs; torch.compile's first call raises the same ValueError,
+    not dynamo's BackendCompilerFailed."""
+    with pytest.raises(ValueError) as early:
+        qcompile.make_backend(config=config)
+    assert key in str(early.value)
+    model = torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError) as late:
+        torch.compile(model, backend="qcompile", options={"config": config})(torch.randn(2, 8))
+    assert str(late.value).startswith(str(early.value))  # dynamo may append its hints
+    assert not isinstance(late.value, torch._dynamo.exc.BackendCompilerFailed)
 
 
 def test_bad_files_name_the_problem(tmp_path):
