@@ -194,21 +194,23 @@ def _llama_plan_checks(plans, model):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_llama_forward_and_generate_with_seed_json(dynamic):
+def test_llama_generate_equals_the_quantized_reference(dynamic):
+    """generate() under a compiled forward gives the tokens of the eager quantized reference, not the float ones."""
+    from qcompile.reference import dequantized_model
+
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     rec = Recorder()
     with torch.no_grad():
-        reference_generate = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                            do_sample=False, pad_token_id=0)
-        model.forward = torch.compile(model.forward, backend="qcompile", dynamic=dynamic,
-                                      options=rec.options(str(SEED_JSON)))
-        logits = model(ids).logits
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             pad_token_id=0)
+        expected = dequantized_model(model, CONFIG).generate(ids, **kwargs)
+        float_tokens = model.generate(ids, **kwargs)
+        model.forward = torch.compile(model.forward, backend="qcompile", dynamic=dynamic, options=rec.options())
+        out = model.generate(ids, **kwargs)
     _llama_plan_checks(rec.plans, model)
     assert rec.op_count() > 0
-    assert out.shape == reference_generate.shape and torch.isfinite(logits).all()
+    assert not torch.equal(float_tokens, expected)  # so equality below tells quantized from float
+    assert torch.equal(out, expected)
 
 
 def test_llama_matches_dequantized_model_with_inductor():
