@@ -59,15 +59,16 @@ class _Entry:
     stamp: tuple
 
 
-def _owner(weight: torch.Tensor) -> torch.Tensor:
-    """The packed parameter ``weight`` is (or aliases, with the same data, shape and strides)."""
-    if weight in _PACKED:
-        return weight
+def _entries(weight: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """The packed parameter ``weight`` is (or aliases, with the same data, shape and strides), and its entries."""
+    entries = _PACKED.get(weight)
+    if entries is not None:
+        return weight, entries
     ref = _BY_DATA.get(_data_key(weight))
     owner = ref() if ref is not None else None
     if owner is not None and _data_key(owner) == _data_key(weight):
-        return owner
-    return weight
+        return owner, _PACKED.get(owner)
+    return weight, None
 
 
 def is_released(parameter: torch.Tensor) -> bool:
@@ -78,8 +79,7 @@ def is_released(parameter: torch.Tensor) -> bool:
 def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> PackedWeight:
     """The packed form of ``weight`` (used as ``weight.T`` when ``transposed``), packing when missing or stale."""
     key = (scheme, transposed)
-    owner = _owner(weight)
-    entries = _PACKED.get(owner)
+    owner, entries = _entries(weight)
     entry = entries.get(key) if entries is not None else None
     if entry is not None and entry.stamp == _stamp(owner):
         return entry.packed

@@ -1,0 +1,83 @@
+"""Host cost of one quantized linear call on CPU: what finding the packed weight per call adds.
+
+    python -m benchmarks.call_overhead [--reps 20000] [--out benchmarks/results/cpu]
+
+A quantized linear now runs as ``qcompile::quantized_linear(x, weight, ...)``, which looks the
+parameter's packed form up (and checks it is fresh) on every call, then runs the format's op.
+Before, the packed tensors were graph constants passed straight to the format's op. On a tiny
+shape (x [1, 64], weight [64, 64], NF4 + double quant, reference kernels) the compute is a few
+microseconds, so the difference between the rows is the per-call cost of the design:
+
+* ``format_op``: ``torch.ops.qcompile.linear_4bit`` with the packed tensors (the old call);
+* ``quantized_linear``: the op the rewrite emits now (lookup + stamp check + the format's op);
+* ``lookup``: ``pack_cache.packed_weight`` alone (weak-dictionary lookup + stamp comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.timing import environment, results_dir
+
+
+def _per_call_us(fn, reps: int) -> float:
+    for _ in range(min(reps, 1000)):
+        fn()
+    best = float("inf")
+    for _ in range(5):  # the best of 5 rounds: a shared machine only ever adds time
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best * 1e6
+
+
+def measure(reps: int) -> dict[str, float]:
+    import qcompile.ops  # noqa: F401  (registers the ops)
+    from qcompile import NF4
+    from qcompile.ops.quantized_linear import scheme_key
+    from qcompile.pack_cache import packed_weight
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 64)
+    weight, bias = linear.weight, linear.bias
+    scheme = NF4(double_quant=True, compute_dtype=torch.float32)
+    x = torch.randn(1, 64)
+    packed = packed_weight(weight, scheme, False, "weight")
+    key = scheme_key(scheme)
+    format_op = scheme.op
+    tensors, constants = list(packed.op_tensors().values()), packed.op_constants()
+    quantized_linear = torch.ops.qcompile.quantized_linear.default
+    with torch.no_grad():
+        rows = {
+            "format_op": _per_call_us(lambda: format_op(x, *tensors, bias, *constants, "reference"), reps),
+            "quantized_linear": _per_call_us(
+                lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference"), reps),
+            "lookup": _per_call_us(lambda: packed_weight(weight, scheme, False, "weight"), reps),
+        }
+    rows["added_per_call"] = rows["quantized_linear"] - rows["format_op"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = measure(args.reps)
+    for name, us in rows.items():
+        print(f"{name:18s} {us:8.2f} us")
+    out = results_dir(args.out, smoke=False, cuda=False)
+    if out is not None:
+        path = out / "call_overhead.json"
+        path.write_text(json.dumps({"environment": environment(torch.device("cpu")), "per_call_us": rows}, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
