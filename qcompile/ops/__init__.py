@@ -1,5 +1,8 @@
 """qcompile's torch.library ops (namespace ``qcompile``), registered when this package is imported.
 
+The rewrite pass emits ``quantized_linear`` (the float parameter in, its packed form found per
+call); that op runs one of the format ops below, which take the packed tensors themselves.
+
 Each op file defines one op, its fake (meta) implementation, its autograd formula (x and
 bias only: quantized weights are frozen) and a plain-torch reference implementation
 (``<op>_reference``) that the Triton kernels in ``qcompile.codegen`` are tested against.
