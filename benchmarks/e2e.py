@@ -126,19 +126,21 @@ def prepare(variant: str, model: Any, device: torch.device, mode: str, inner: st
 
 # ---- measurements ------------------------------------------------------------------------------
 
-def _new_cache(model: Any, batch: int, max_len: int, device: torch.device) -> Any:
-    """A StaticCache for ``batch`` rows, initialized by one eager 1-token call and then zeroed.
+def _new_cache(fwd: Callable[..., Any], model: Any, batch: int, max_len: int, device: torch.device) -> Any:
+    """A StaticCache for ``batch`` rows, initialized by one 1-token call of ``fwd`` and then zeroed.
 
-    The static layers allocate on their first update; doing that eagerly means every compiled call
+    The static layers allocate on their first update; doing that first means every timed call
     sees an initialized cache (one graph per input shape, no recompile on the second prefill).
+    It goes through ``fwd``, not the eager model: qcompile's release_weights makes the eager model
+    refuse to run.
     """
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        model.forward(input_ids=ids, past_key_values=cache, cache_position=torch.zeros(1, dtype=torch.long,
-                      device=device), use_cache=True, logits_to_keep=1)
+        fwd(input_ids=ids, past_key_values=cache, cache_position=torch.zeros(1, dtype=torch.long, device=device),
+            use_cache=True, logits_to_keep=1)
     cache.reset()
     return cache
 
@@ -155,7 +157,7 @@ def measure_prefill(fwd: Callable[..., Any], model: Any, device: torch.device, t
                     warmup: int) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device,
                         generator=torch.Generator(device=device).manual_seed(1))
-    cache = _new_cache(model, 1, tokens, device)
+    cache = _new_cache(fwd, model, 1, tokens, device)
     times = []
     setup_peak = None
     with torch.no_grad():
@@ -180,7 +182,7 @@ def measure_decode(fwd: Callable[..., Any], model: Any, device: torch.device, ba
                    warmup: int) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(2))
-    cache = _new_cache(model, batch, prompt + warmup + steps, device)
+    cache = _new_cache(fwd, model, batch, prompt + warmup + steps, device)
     with torch.no_grad():
         tok = _step(fwd, ids, cache, 0)
         pos = prompt

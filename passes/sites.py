@@ -220,7 +220,9 @@ def linear_weight_of(module: nn.Module) -> tuple[torch.Tensor, bool] | None:
 
 
 def float_reader(weight_names: WeightNames) -> str | None:
-    """The first module holding the weight that is not a plain linear (a tied embedding), or None."""
+    """For a tied weight: the first module holding it that is not a plain linear (an embedding), or None."""
+    if len(weight_names.names) < 2:
+        return None
     for name, module in weight_names.owners():
         if linear_weight_of(module) is None:
             return name
