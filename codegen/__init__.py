@@ -4,7 +4,8 @@
 * ``int8_weight_only.int8_weight_only``  int8 weight, float activations
 * ``llm_int8.linear_int8``               LLM.int8() with outlier decomposition (and ``int8_vectorwise_quant``)
 * ``w8a8_dynamic.w8a8_dynamic``          per-token asymmetric int8 activations x int8 weights
-* ``autotune``                           config spaces, M buckets, pruner, persistent winner cache
+* ``autotune``                           config spaces, M buckets, pruner, persistent winner cache, and
+                                         ``run_kernel``, through which every launch goes (CUDA device guard)
 
 Triton decides at decoration time whether kernels run in its CPU interpreter, so ``TRITON_INTERPRET=1``
 must be set before these modules are imported; the entry points raise a ValueError naming the problem

@@ -1,30 +1,43 @@
-"""Autotuning for the qcompile kernels: config spaces, M bucketing, a shared-memory pruner and a
-persistent JSON cache of winning configs.
+"""Autotuning for the qcompile kernels: config spaces, M bucketing, a shared-memory pruner, a
+persistent JSON cache of winning configs, and the one place kernels are launched (``run_kernel``).
 
 How a tuned launch works (``TunedKernel.launch``):
 
-1. The tuning key is ``(kernel name, M bucket, *extra key values, *tensor dtypes)``. M is rounded up
-   to the next power of two (``m_bucket``) so a new batch size inside the same bucket reuses the
-   winner instead of retuning.
+1. The tuning key is ``(kernel name, mode, kernel source hash, M bucket, *extra key values, *tensor
+   dtypes, the launch's constexprs)``. M is rounded up to the next power of two (``m_bucket``) so a
+   new batch size inside the same bucket reuses the winner instead of retuning. The source hash
+   (the ``@triton.jit`` function's source and that of the jit helpers it calls, computed on the first
+   tuned launch) and the constexprs (the compile-time constants that are not tuned, e.g.
+   ``HAS_BIAS``, ``ALIGNED``) keep a changed kernel or another specialization from reusing a winner.
 2. ``QCOMPILE_AUTOTUNE`` picks the work: ``off`` launches one heuristic config (no benchmarking),
    ``fast`` tunes over a small space, ``max`` over the full space. Under the Triton interpreter
    (``TRITON_INTERPRET=1``) tuning is always off: there is nothing meaningful to time and CI must
    stay fast.
 3. A winner is looked up in memory, then in the JSON cache on disk (loaded lazily on the first tuned
    launch, never at import). On a miss, ``triton.autotune`` (applied as a function to the plain
-   ``@triton.jit`` kernel, one Autotuner per M bucket) benchmarks the pruned space and its
-   ``best_config`` is written back to the cache.
+   ``@triton.jit`` kernel, one Autotuner per M bucket and constexpr set) benchmarks the pruned space
+   and its ``best_config`` is written back to the cache.
+4. A stored config the kernel cannot take (meta-parameters it does not have or lacks, values that
+   contradict the launch's constexprs, or a launch failing with TypeError / ValueError / a Triton
+   error) is dropped from memory and disk with a warning, and the launch retunes: a cache written by
+   an older kernel version must never crash a run.
+
+Every launch, tuned or not, goes through ``run_kernel``, which makes the tensors' CUDA device the
+current one (Triton launches on the current device and its current stream, whatever the tensors'
+device is) so a model spread over several GPUs runs each kernel where its data is.
 
 The cache file ``$QCOMPILE_CACHE_DIR/autotune.json`` (default ``~/.cache/qcompile``) maps
-``"<device>|<triton version>|<kernel>|<json key>"`` to a config. Writes are read-merge-replace under
-an advisory lock file, through a temporary file and ``os.replace``, so two processes tuning at once
-both keep their entries and a reader never sees half a file. A corrupted or foreign file is ignored
-with a warning (and replaced on the next write).
+``"<device>|<triton version>|<kernel>:<mode>@<source hash>|<json key>"`` to a config. Writes are
+read-merge-replace under an advisory lock file, through a temporary file and ``os.replace``, so two
+processes tuning at once both keep their entries and a reader never sees half a file. A corrupted or
+foreign file is ignored with a warning (and replaced on the next write).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -155,8 +168,9 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def write_cache_entries(path: Path, entries: dict[str, dict[str, Any]]) -> None:
-    """Merge ``entries`` into the cache file at ``path`` atomically (lock, read, merge, temp file, replace)."""
+def write_cache_entries(path: Path, entries: dict[str, dict[str, Any]], remove: Sequence[str] = ()) -> None:
+    """Merge ``entries`` into the cache file at ``path`` and delete the keys ``remove``, atomically
+    (lock, read, merge, temp file, replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path.with_name(path.name + ".lock")):
         with warnings.catch_warnings():
@@ -164,6 +178,8 @@ def write_cache_entries(path: Path, entries: dict[str, dict[str, Any]]) -> None:
             warnings.simplefilter("ignore")
             merged = read_cache_file(path)
         merged.update(entries)
+        for key in remove:
+            merged.pop(key, None)
         payload = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": merged}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
@@ -206,6 +222,12 @@ class AutotuneCache:
         entries[key] = config
         assert self._path is not None
         write_cache_entries(self._path, {key: config})
+
+    def remove(self, key: str) -> None:
+        """Forget ``key`` here and in the file (other processes' entries are kept)."""
+        self._load().pop(key, None)
+        assert self._path is not None
+        write_cache_entries(self._path, {}, remove=[key])
 
 
 # ---- shared-memory pruning --------------------------------------------------------------------
@@ -250,7 +272,96 @@ def make_pruner(
     return prune
 
 
+# ---- launching --------------------------------------------------------------------------------
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Makes ``device`` the current CUDA device for the duration (a no-op for CPU / the interpreter).
+
+    Triton launches on the current device and its current stream, not on the tensors' device.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def tensor_device(args: Sequence[Any]) -> torch.device:
+    """The device of the first tensor in ``args`` (the entry points check that all share one)."""
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+
+
+def run_kernel(kernel: Any, grid: Any, args: Sequence[Any], **kwargs: Any) -> Any:
+    """``kernel[grid](*args, **kwargs)`` on the device of its tensor arguments.
+
+    Every qcompile launch, tuned or not, goes through here, so the device guard is in one place.
+    """
+    with device_guard(tensor_device(args)):
+        return kernel[grid](*args, **kwargs)
+
+
+# ---- what a kernel accepts --------------------------------------------------------------------
+
+def _python_function(kernel: Any) -> Any:
+    # JITFunction and the interpreter's InterpretedFunction both keep the decorated function in .fn.
+    return getattr(kernel, "fn", kernel)
+
+
+def kernel_source_hash(kernel: Any) -> str:
+    """sha256 (16 hex digits) of ``kernel``'s source and of the ``@triton.jit`` helpers it calls, transitively.
+
+    Source text only (not line numbers, unlike triton's own ``cache_key``): editing a comment
+    elsewhere in the module does not throw the winners away, editing the kernel or a helper does.
+    """
+    from triton.runtime.jit import KernelInterface
+
+    sources: list[str] = []
+    seen: set[int] = set()
+    pending = [kernel]
+    while pending:
+        fn = _python_function(pending.pop())
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        sources.append(inspect.getsource(fn))
+        globals_ = getattr(fn, "__globals__", {})
+        pending.extend(v for name in fn.__code__.co_names
+                       if isinstance(v := globals_.get(name), KernelInterface))
+    return hashlib.sha256("\0".join(sources).encode("utf-8")).hexdigest()[:16]
+
+
+def constexpr_parameters(kernel: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """(names of ``kernel``'s ``tl.constexpr`` parameters, those of them without a default)."""
+    names, required = set(), set()
+    for param in inspect.signature(_python_function(kernel)).parameters.values():
+        annotation = param.annotation
+        # `from __future__ import annotations` leaves the annotation as the string "tl.constexpr".
+        spelled = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        if spelled.rsplit(".", 1)[-1] == "constexpr":
+            names.add(param.name)
+            if param.default is inspect.Parameter.empty:
+                required.add(param.name)
+    return frozenset(names), frozenset(required)
+
+
+def _jsonable(value: Any) -> Any:
+    # Constexprs are bools, ints, strings and tl.dtypes (COMPUTE_DTYPE); the latter go in by name.
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def constexpr_key(constexprs: dict[str, Any]) -> dict[str, Any]:
+    """The launch's constexprs as sorted JSON data: part of every tuning key."""
+    return {name: _jsonable(constexprs[name]) for name in sorted(constexprs)}
+
+
 # ---- the tuned launcher -----------------------------------------------------------------------
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a launch raises when a stored config does not fit the kernel: renamed or missing
+    meta-parameters (TypeError), values the kernel rejects (ValueError), a block shape the compiler
+    rejects or more shared memory than this device has (triton's errors)."""
+    from triton.errors import TritonError
+
+    return (TypeError, ValueError, TritonError)
+
 
 class TunedKernel:
     """One plain ``@triton.jit`` kernel plus its config spaces, heuristic and cache glue.
@@ -260,6 +371,10 @@ class TunedKernel:
     interpreter_config: the single small config used under ``TRITON_INTERPRET=1``.
     key_names: kernel arguments (sizes) that, with the M bucket and the tensor dtypes, key a winner.
     reset_to_zero: output arguments a benchmark run accumulates into (split-K atomics).
+
+    A cached winner is checked against the kernel's constexpr parameters before it runs, and dropped
+    (with a warning) if it does not fit or its launch fails; a forced config that does not fit is a
+    ValueError.
     """
 
     def __init__(
@@ -285,47 +400,94 @@ class TunedKernel:
         self.pruner = make_pruner(smem_bytes, useful)
         self.key_names = list(key_names)
         self.reset_to_zero = list(reset_to_zero)
-        self._tuners: dict[tuple[str, int], Any] = {}
+        self._tuners: dict[tuple[str, int, str], Any] = {}
         self._winners: dict[str, Any] = {}
         self._disk = AutotuneCache()
+        self._source_hash: str | None = None  # on the first tuned launch: reading source is not import work
+        self._constexprs: tuple[frozenset[str], frozenset[str]] | None = None
 
-    def _tuner(self, mode: str, bucket: int) -> Any:
-        # One Autotuner per (mode, M bucket): its own in-memory cache is keyed by the other key
-        # values (key_names, plus the dtypes triton appends), so M never enters it and a new M in
-        # the same bucket does not retune.
-        if (mode, bucket) not in self._tuners:
+    @property
+    def source_hash(self) -> str:
+        if self._source_hash is None:
+            self._source_hash = kernel_source_hash(self.kernel)
+        return self._source_hash
+
+    def config_problem(self, config: Any, constexprs: dict[str, Any]) -> str | None:
+        """Why ``config`` cannot be launched with ``constexprs``, or None if its meta-parameters fit the kernel."""
+        if self._constexprs is None:
+            self._constexprs = constexpr_parameters(self.kernel)
+        names, required = self._constexprs
+        meta = dict(config.kwargs)
+        unknown = sorted(set(meta) - names)
+        if unknown:
+            return f"the kernel has no meta-parameter {', '.join(unknown)}"
+        missing = sorted(required - set(meta) - set(constexprs))
+        if missing:
+            return f"it lacks the meta-parameter {', '.join(missing)}"
+        clash = sorted(k for k in set(meta) & set(constexprs) if meta[k] != constexprs[k])
+        if clash:
+            return "it contradicts the launch's " + ", ".join(f"{k}={constexprs[k]!r}" for k in clash)
+        if not (config.num_warps >= 1 and config.num_warps & (config.num_warps - 1) == 0 and config.num_stages >= 1):
+            return f"num_warps={config.num_warps}, num_stages={config.num_stages} are not launchable"
+        return None
+
+    def _tuner(self, mode: str, bucket: int, constexprs: str) -> Any:
+        # One Autotuner per (mode, M bucket, constexprs): its own in-memory cache is keyed by the
+        # other key values (key_names, plus the dtypes triton appends) only, so M never enters it
+        # and a new M in the same bucket does not retune, and another specialization (HAS_BIAS,
+        # ALIGNED, ...) does not reuse a winner timed for this one.
+        if (mode, bucket, constexprs) not in self._tuners:
             import triton
 
-            self._tuners[(mode, bucket)] = triton.autotune(
+            self._tuners[(mode, bucket, constexprs)] = triton.autotune(
                 configs=self.spaces[mode],
                 key=self.key_names,
                 prune_configs_by={"early_config_prune": self.pruner},
                 reset_to_zero=self.reset_to_zero or None,
             )(self.kernel)
-        return self._tuners[(mode, bucket)]
+        return self._tuners[(mode, bucket, constexprs)]
 
-    def choose(self, args: Sequence[Any], m: int, config: Any = None) -> tuple[str, Any]:
-        """(mode, config) or (mode, (None, cache key)) meaning "tune now in ``mode``"."""
+    def _drop(self, key: str, config: Any, why: str) -> None:
+        self._winners.pop(key, None)
+        try:
+            self._disk.remove(key)
+        except OSError as exc:
+            warnings.warn(f"qcompile autotune cache could not be written ({exc})", stacklevel=3)
+        warnings.warn(
+            f"qcompile autotune: dropped the cached {self.name} config {config_to_dict(config)} ({why}); retuning",
+            stacklevel=3,
+        )
+
+    def _choose(self, args: Sequence[Any], m: int, config: Any, constexprs: dict[str, Any]) -> tuple[str, Any, Any]:
+        """(mode, config or None = "tune now", cache key or None when the config does not come from the cache)."""
         named = dict(zip(self.arg_names, args, strict=True))
-        key_extra = [named[k] for k in self.key_names]
         if config is not None:
-            return "forced", config
-        if interpreting():
-            autotune_mode()  # still validate the variable
-            return "off", self.interpreter_config(named)
-        mode = autotune_mode()
+            return "forced", config, None
+        mode = autotune_mode()  # also validates the variable under the interpreter, where it is "off"
         if mode == "off":
-            return mode, self.heuristic(named)
+            return mode, (self.interpreter_config(named) if interpreting() else self.heuristic(named)), None
         dtypes = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)]
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        key = cache_key(device_name(device), f"{self.name}:{mode}", [m_bucket(m), *key_extra, *dtypes])
+        key = cache_key(
+            device_name(tensor_device(args)), f"{self.name}:{mode}@{self.source_hash}",
+            [m_bucket(m), *(named[k] for k in self.key_names), *dtypes, constexpr_key(constexprs)],
+        )
         if key in self._winners:
-            return mode, self._winners[key]
+            return mode, self._winners[key], key
         stored = self._disk.get(key)
         if stored is not None:
-            self._winners[key] = config_from_dict(stored)
-            return mode, self._winners[key]
-        return mode, (None, key)
+            winner = config_from_dict(stored)
+            problem = self.config_problem(winner, constexprs)
+            if problem is not None:
+                self._drop(key, winner, problem)
+                return mode, None, key
+            self._winners[key] = winner
+            return mode, winner, key
+        return mode, None, key
+
+    def choose(self, args: Sequence[Any], m: int, config: Any = None, **constexprs: Any) -> tuple[str, Any]:
+        """(mode, config) or (mode, (None, cache key)) meaning "tune now in ``mode``"."""
+        mode, chosen, key = self._choose(args, m, config, constexprs)
+        return (mode, (None, key)) if chosen is None else (mode, chosen)
 
     def launch(
         self,
@@ -335,23 +497,36 @@ class TunedKernel:
         config: Any = None,
         **constexprs: Any,
     ) -> Any:
-        """Run the kernel on ``args`` with a chosen, cached or freshly tuned config."""
-        mode, chosen = self.choose(args, m, config)
-        if isinstance(chosen, tuple):
-            _, key = chosen
-            tuner = self._tuner(mode, m_bucket(m))
-            tuner[grid](*args, **constexprs)
-            winner = tuner.best_config
-            self._winners[key] = winner
+        """Run the kernel on ``args`` with a chosen, cached or freshly tuned config; returns that config."""
+        mode, chosen, key = self._choose(args, m, config, constexprs)
+        if mode == "forced":
+            problem = self.config_problem(chosen, constexprs)
+            if problem is not None:
+                raise ValueError(f"config: {config_to_dict(chosen)} cannot launch {self.name}: {problem}")
+        if chosen is not None:
+            meta = dict(chosen.kwargs)
+            launch_kwargs = {**constexprs, **meta, "num_warps": chosen.num_warps, "num_stages": chosen.num_stages}
             try:
-                self._disk.put(key, config_to_dict(winner))
-            except OSError as exc:
-                warnings.warn(f"qcompile autotune cache could not be written ({exc})", stacklevel=2)
-            return winner
-        meta = dict(chosen.kwargs)
-        launch_kwargs = {**constexprs, **meta, "num_warps": chosen.num_warps, "num_stages": chosen.num_stages}
-        self.kernel[lambda m_: grid({**constexprs, **meta})](*args, **launch_kwargs)
-        return chosen
+                run_kernel(self.kernel, lambda m_: grid({**constexprs, **meta}), args, **launch_kwargs)
+                return chosen
+            except _config_errors() as exc:
+                if key is None:  # not a cached config: a real error
+                    raise
+                self._drop(key, chosen, f"its launch failed: {type(exc).__name__}: {exc}")
+                # A launch that died part-way (the interpreter runs programs one by one) may have
+                # added into the zeroed split-K output already.
+                named = dict(zip(self.arg_names, args, strict=True))
+                for name in self.reset_to_zero:
+                    named[name].zero_()
+        tuner = self._tuner(mode, m_bucket(m), json.dumps(constexpr_key(constexprs)))
+        run_kernel(tuner, grid, args, **constexprs)
+        winner = tuner.best_config
+        self._winners[key] = winner
+        try:
+            self._disk.put(key, config_to_dict(winner))
+        except OSError as exc:
+            warnings.warn(f"qcompile autotune cache could not be written ({exc})", stacklevel=2)
+        return winner
 
 
 def config(num_warps: int = 4, num_stages: int = 2, **kwargs: Any) -> Any:

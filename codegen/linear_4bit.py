@@ -488,8 +488,9 @@ def _gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: to
     used = _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     block_n = 128
-    split_k_sum_kernel[(m, triton.cdiv(n, block_n))](
-        partial, bias if bias is not None else partial, y, m, n, used.kwargs["SPLIT_K"], y.stride(0),
+    autotune.run_kernel(
+        split_k_sum_kernel, (m, triton.cdiv(n, block_n)),
+        (partial, bias if bias is not None else partial, y, m, n, used.kwargs["SPLIT_K"], y.stride(0)),
         HAS_BIAS=bias is not None, INTERPRET=consts["INTERPRET"], BLOCK_N=block_n,
     )
     return y

@@ -206,9 +206,10 @@ def _quantize(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.T
     flags = torch.zeros(k, device=x2.device, dtype=torch.int8) if threshold > 0 else None
     if m:
         # enable_fp_fusion=False: x * inv must be rounded before rint's add (as torch does).
-        llm_int8_quant_kernel[(m,)](
-            x2, q, row_stats, flags if flags is not None else q, k, x2.stride(0), q.stride(0),
-            _fp16_threshold(threshold) if threshold > 0 else 0.0,
+        autotune.run_kernel(
+            llm_int8_quant_kernel, (m,),
+            (x2, q, row_stats, flags if flags is not None else q, k, x2.stride(0), q.stride(0),
+             _fp16_threshold(threshold) if threshold > 0 else 0.0),
             HAS_THRESHOLD=threshold > 0, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=False,
         )
     return q, row_stats, flags
@@ -219,7 +220,7 @@ def _compact(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cols = torch.empty(k, device=flags.device, dtype=torch.int32)
     count = torch.empty(1, device=flags.device, dtype=torch.int32)
     block = min(1024, common.next_power_of_2(k))
-    llm_int8_compact_kernel[(1,)](flags, cols, count, k, BLOCK=block, num_warps=4)
+    autotune.run_kernel(llm_int8_compact_kernel, (1,), (flags, cols, count, k), BLOCK=block, num_warps=4)
     return cols, count
 
 

@@ -165,8 +165,8 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     zp = torch.empty(m, device=x2.device, dtype=torch.int32)
     if m:
         # enable_fp_fusion=False: the rounding in rint must not fuse with the division's result.
-        w8a8_quant_kernel[(m,)](x2, q, scale, zp, k, x2.stride(0), q.stride(0), BLOCK_K=block_k,
-                                num_warps=warps, enable_fp_fusion=False)
+        autotune.run_kernel(w8a8_quant_kernel, (m,), (x2, q, scale, zp, k, x2.stride(0), q.stride(0)),
+                            BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=False)
     return q, scale, zp
 
 

@@ -8,12 +8,19 @@ import torch
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for int8 a [M, K], b [N, K], accumulated exactly, as int32 [M, N].
 
-    On CPU ``torch._int_mm`` (any shape; 4096x4096 at M=1: 0.18 ms against 43 ms in float64,
-    most of which was allocating the float64 copy of the weight). Elsewhere in float64: every
-    product and partial sum is an integer below 128 * 128 * K < 2**53, so the result equals int32
-    accumulation for any realistic K, and float64 matmul exists on every device.
+    On CPU ``torch._int_mm`` where it is right (4096x4096 at M=1: 0.18 ms against 43 ms in float64,
+    most of which was allocating the float64 copy of the weight). It is wrong for K == 1 with N >= 2
+    (torch 2.13, oneDNN 3.12; any M, contiguous or sliced a): ``b.T`` is then [1, N] with strides
+    (1, 1), a layout that reads as both row and column major, and the result is uninitialised memory
+    that changes from call to call (-213398720 where 6 was due). A sweep of every M, K, N < 40 and
+    random shapes up to 257 x 1000 x 4097 found no other wrong shape; K == 0 gives zeros. K == 1 is
+    an outer product, so its int32 matmul costs nothing. Elsewhere in float64: every product and
+    partial sum is an integer below 128 * 128 * K < 2**53, so the result equals int32 accumulation
+    for any realistic K, and float64 matmul exists on every device.
     """
     if a.device.type == "cpu":
+        if a.shape[1] == 1:
+            return a.to(torch.int32) @ b.to(torch.int32).t()
         return torch._int_mm(a, b.t())
     return (a.double() @ b.double().t()).to(torch.int32)
 

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from qcompile.codegen import autotune
 
@@ -131,7 +133,23 @@ def test_cache_is_not_touched_at_import(cache_dir):
 
 # ---- the launcher's choice and the pruner -----------------------------------------------------------
 
-def _tuned():
+@triton.jit
+def _fill_kernel(y_ptr, N, VALUE: tl.constexpr, BLOCK_N: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + rn, tl.full((BLOCK_N,), VALUE, tl.float32), mask=rn < N)
+
+
+@triton.jit
+def _other_fill_kernel(y_ptr, N, VALUE: tl.constexpr, BLOCK_N: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + rn, tl.full((BLOCK_N,), VALUE + 1, tl.float32), mask=rn < N)
+
+
+def _fill_grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _tuned(kernel=_fill_kernel):
     def heuristic(named):
         return autotune.config(BLOCK_N=64, num_warps=8, num_stages=3)
 
@@ -139,7 +157,7 @@ def _tuned():
         return autotune.config(BLOCK_N=16, num_warps=1, num_stages=1)
 
     spaces = {"fast": [autotune.config(BLOCK_N=b) for b in (16, 32)], "max": []}
-    return autotune.TunedKernel("fake", kernel=None, arg_names=["x_ptr", "N"], spaces=spaces, heuristic=heuristic,
+    return autotune.TunedKernel("fake", kernel=kernel, arg_names=["y_ptr", "N"], spaces=spaces, heuristic=heuristic,
                                 interpreter_config=interp, smem_bytes=lambda meta, stages, named: 0,
                                 key_names=["N"])
 
@@ -149,17 +167,109 @@ def test_choice_uses_persisted_winner_and_buckets_m(cache_dir, monkeypatch):
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "fast")
     tuned = _tuned()
     args = (torch.zeros(4, dtype=torch.float16), 256)
-    mode, pending = tuned.choose(args, m=3)
+    mode, pending = tuned.choose(args, m=3, VALUE=1.5)
     assert mode == "fast" and isinstance(pending, tuple) and pending[0] is None
     key = pending[1]
-    assert key.endswith('|fake:fast|[4,256,"float16"]')
+    source = autotune.kernel_source_hash(_fill_kernel)
+    assert key.endswith(f'|fake:fast@{source}|[4,256,"float16",{{"VALUE":1.5}}]')
     autotune.write_cache_entries(autotune.cache_path(), {key: _entry(block=32)})
     fresh = _tuned()
     for m in (3, 4):  # same bucket: same winner, no retune
-        mode, config = fresh.choose(args, m=m)
+        mode, config = fresh.choose(args, m=m, VALUE=1.5)
         assert config.kwargs == {"BLOCK_N": 32}
-    _, other = fresh.choose(args, m=5)  # next bucket: not tuned yet
+    _, other = fresh.choose(args, m=5, VALUE=1.5)  # next bucket: not tuned yet
     assert isinstance(other, tuple)
+
+
+def test_key_has_kernel_source_hash_and_constexprs(cache_dir, monkeypatch):
+    """A changed kernel (or a helper it calls) or another constexpr specialization gets its own key."""
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "fast")
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    calls = []
+    real_hash = autotune.kernel_source_hash
+    monkeypatch.setattr(autotune, "kernel_source_hash", lambda kernel: calls.append(kernel) or real_hash(kernel))
+    args = (torch.zeros(4), 256)
+    tuned = _tuned()
+    assert calls == []  # nothing is read at construction
+    key = tuned.choose(args, m=1, VALUE=1.0)[1][1]
+    assert tuned.choose(args, m=1, VALUE=1.0)[1][1] == key
+    assert calls == [_fill_kernel]  # computed once, then memoized
+    assert tuned.choose(args, m=1, VALUE=2.0)[1][1] != key
+    assert _tuned(_other_fill_kernel).choose(args, m=1, VALUE=1.0)[1][1] != key
+    autotune.write_cache_entries(autotune.cache_path(), {key: _entry(block=32)})
+    assert _tuned(_other_fill_kernel).choose(args, m=1, VALUE=1.0)[1][0] is None  # the winner is not reused
+    assert _tuned().choose(args, m=1, VALUE=1.0)[1].kwargs == {"BLOCK_N": 32}
+
+
+@triton.jit
+def _helper(x):
+    return x + 1
+
+
+@triton.jit
+def _other_helper(x):
+    return x + 2
+
+
+@triton.jit
+def _kernel_with_helper(y_ptr, BLOCK_N: tl.constexpr):
+    rn = tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + rn, _helper(rn))
+
+
+def test_source_hash_covers_the_jit_helpers_a_kernel_calls(monkeypatch):
+    before = autotune.kernel_source_hash(_kernel_with_helper)
+    assert len(before) == 16 and before == autotune.kernel_source_hash(_kernel_with_helper)
+    monkeypatch.setitem(_kernel_with_helper.fn.__globals__, "_helper", _other_helper)
+    assert autotune.kernel_source_hash(_kernel_with_helper) != before
+
+
+def test_constexpr_parameters_read_postponed_annotations():
+    names, required = autotune.constexpr_parameters(_fill_kernel)
+    assert names == required == {"VALUE", "BLOCK_N"}
+    from qcompile.codegen.linear_4bit import linear_4bit_gemv_kernel
+
+    names, _ = autotune.constexpr_parameters(linear_4bit_gemv_kernel)  # `from __future__ import annotations`
+    assert {"STAGES", "SPLIT_K", "BLOCK_K", "ALIGNED"} <= names and "K" not in names
+
+
+@pytest.mark.parametrize("stored, why", [
+    ({"kwargs": {}, "num_warps": 4, "num_stages": 2}, "lacks the meta-parameter BLOCK_N"),
+    ({"kwargs": {"BLOCK_N": 32, "STAGES": 2}, "num_warps": 4, "num_stages": 2}, "no meta-parameter STAGES"),
+    ({"kwargs": {"BLOCK_N": 32, "VALUE": 9.0}, "num_warps": 4, "num_stages": 2}, "contradicts"),
+    ({"kwargs": {"BLOCK_N": 24}, "num_warps": 4, "num_stages": 2}, "launch failed"),  # not a power of two
+    ({"kwargs": {"BLOCK_N": 32}, "num_warps": 3, "num_stages": 2}, "num_warps=3"),
+], ids=["missing", "unknown", "contradicting", "failing", "warps"])
+def test_stored_config_the_kernel_cannot_take_is_dropped_and_retuned(cache_dir, monkeypatch, stored, why):
+    # The cache lookup runs with tuning on; the kernel still runs in the interpreter (CPU tensors).
+    monkeypatch.setattr(autotune, "autotune_mode", lambda: "fast")
+    y = torch.zeros(40)
+    args = (y, 40)
+    key = _tuned().choose(args, m=1, VALUE=1.5)[1][1]
+    good_key = key.replace("[1,", "[2,")  # another bucket's entry must survive the repair
+    autotune.write_cache_entries(autotune.cache_path(), {key: stored, good_key: _entry(block=32)})
+    tuned = _tuned()
+    with pytest.warns(UserWarning, match=f"dropped the cached fake config.*{why}"):
+        used = tuned.launch(_fill_grid(40), args, 1, VALUE=1.5)
+    assert used.kwargs == {"BLOCK_N": 16}  # retuned: the first config of the space (the interpreter prunes to one)
+    assert torch.equal(y, torch.full((40,), 1.5))
+    on_disk = autotune.read_cache_file(autotune.cache_path())
+    assert on_disk == {key: _entry(block=16), good_key: _entry(block=32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # repaired: no second warning, in this process or a new one
+        assert tuned.launch(_fill_grid(40), args, 1, VALUE=1.5).kwargs == {"BLOCK_N": 16}
+        assert _tuned().launch(_fill_grid(40), args, 1, VALUE=1.5).kwargs == {"BLOCK_N": 16}
+
+
+def test_forced_config_the_kernel_cannot_take_is_a_value_error():
+    y = torch.zeros(8)
+    tuned = _tuned()
+    with pytest.raises(ValueError, match="config.*lacks the meta-parameter BLOCK_N"):
+        tuned.launch(_fill_grid(8), (y, 8), 1, config=autotune.config(), VALUE=1.0)
+    with pytest.raises(ValueError, match="config.*contradicts the launch's VALUE=1.0"):
+        tuned.launch(_fill_grid(8), (y, 8), 1, config=autotune.config(BLOCK_N=8, VALUE=2.0), VALUE=1.0)
+    assert tuned.launch(_fill_grid(8), (y, 8), 1, config=autotune.config(BLOCK_N=8, VALUE=1.0), VALUE=1.0)
+    assert torch.equal(y, torch.ones(8))
 
 
 def test_choice_off_and_interpreter_and_forced(monkeypatch):
@@ -195,3 +305,85 @@ def test_gemm_pruner_drops_tiles_taller_than_needed(monkeypatch):
     kept = prune(autotune.gemm_spaces()["fast"], {"x_ptr": torch.zeros(1), "M": 3})
     assert kept and all(c.kwargs["BLOCK_M"] == 16 for c in kept)
     assert len(autotune.gemm_spaces()["max"]) > len(autotune.gemm_spaces()["fast"])
+
+
+# ---- stale entries against a real kernel (the 4-bit GEMV, in the interpreter) ---------------------------
+
+def _gemv_operands(n=33, k=96, blocksize=64):
+    gen = torch.Generator().manual_seed(7)
+    packed = torch.randint(0, 256, (n * k // 2,), generator=gen, dtype=torch.uint8)
+    absmax = torch.rand(-(-n * k // blocksize), generator=gen) + 0.5
+    code = torch.linspace(-1, 1, 16)
+    x = torch.randn(1, k, generator=gen)
+    return x, packed, absmax, code, n, k, blocksize
+
+
+def _gemv(x, packed, absmax, code, n, k, blocksize):
+    from qcompile.codegen.linear_4bit import linear_4bit
+
+    return linear_4bit(x, packed, absmax, code, None, None, None, 0.0, blocksize, n, k, torch.float32)
+
+
+@pytest.fixture
+def tuned_in_interpreter(cache_dir, monkeypatch):
+    """Tuning on (and the cache consulted) while the kernels still run in the interpreter; fresh launchers."""
+    from qcompile.codegen import linear_4bit
+
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)  # INTERPRET=False: fp32 compute only
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE", "fast")
+    linear_4bit._tuned.cache_clear()
+    yield linear_4bit
+    linear_4bit._tuned.cache_clear()
+
+
+def _gemv_entries():
+    return {k: v for k, v in autotune.read_cache_file(autotune.cache_path()).items() if "linear_4bit_gemv" in k}
+
+
+@pytest.mark.parametrize("stale", [{"drop": "STAGES"}, {"set": ("BLOCK_K", 48)}], ids=["no-STAGES", "BLOCK_K=48"])
+def test_stale_gemv_entry_is_dropped_not_a_crash(tuned_in_interpreter, stale):
+    """A winner stored by an older GEMV (no STAGES meta-parameter) crashed with "missing 1 required
+    positional argument: 'STAGES'"; a block size the kernel rejects failed the same way."""
+    import codegen_refs as ref
+
+    x, packed, absmax, code, n, k, bs = _gemv_operands()
+    expected = ref.linear_4bit(x, ref.dequantize_4bit(packed, absmax, code, None, None, 0.0, bs, n, k), None,
+                               torch.float32)
+    torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)  # tunes, writes the cache
+    [(key, good)] = _gemv_entries().items()
+    bad = json.loads(json.dumps(good))
+    if "drop" in stale:
+        del bad["kwargs"][stale["drop"]]
+    else:
+        bad["kwargs"][stale["set"][0]] = stale["set"][1]
+    autotune.write_cache_entries(autotune.cache_path(), {key: bad})
+    tuned_in_interpreter._tuned.cache_clear()  # a new process: only the disk remembers
+    with pytest.warns(UserWarning, match="dropped the cached linear_4bit_gemv config"):
+        torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)
+    assert _gemv_entries() == {key: good}
+
+
+def test_entries_of_another_kernel_source_or_key_format_are_not_used(tuned_in_interpreter):
+    """Winners stored by another version of the kernel source, or under the old key (no source hash,
+    no constexprs), are never looked up: a run neither crashes on them nor warns."""
+    import re
+
+    import codegen_refs as ref
+
+    x, packed, absmax, code, n, k, bs = _gemv_operands()
+    expected = ref.linear_4bit(x, ref.dequantize_4bit(packed, absmax, code, None, None, 0.0, bs, n, k), None,
+                               torch.float32)
+    torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)
+    [(key, good)] = _gemv_entries().items()
+    other_source = re.sub(r"@[0-9a-f]{16}\|", "@" + "0" * 16 + "|", key)
+    old_format = re.sub(r",\{[^{}]*\}\]$", "]", other_source.replace("@" + "0" * 16, ""))
+    assert key != other_source and '"ALIGNED"' not in old_format and "@" not in old_format
+    stale = {"kwargs": {k_: v for k_, v in good["kwargs"].items() if k_ != "STAGES"}, "num_warps": 4,
+             "num_stages": 1}
+    autotune.cache_path().unlink()
+    autotune.write_cache_entries(autotune.cache_path(), {other_source: stale, old_format: stale})
+    tuned_in_interpreter._tuned.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)
+    assert _gemv_entries() == {other_source: stale, old_format: stale, key: good}
