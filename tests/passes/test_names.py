@@ -103,3 +103,23 @@ def test_every_name_is_a_named_parameters_name(model_cls):
     valid = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for names in names_seen(model, torch.randn(2, 8)):
         assert names and set(names) <= valid
+
+
+def test_an_unresolved_name_is_skipped_never_guessed():
+    import dataclasses
+
+    from qcompile import NF4, QuantConfig
+    from qcompile.passes.names import WeightNames
+
+    sites = []
+
+    def backend(gm, example_inputs):
+        sites.extend(find_linear_sites(gm, example_inputs))
+        return gm.forward
+
+    torch.compile(Block(), backend=backend)(torch.randn(2, 8))
+    site = dataclasses.replace(sites[0], weight_names=WeightNames())  # as if dynamo's source were not understood
+    with torch.no_grad():
+        plan, = QuantConfig(default=NF4(), rules=()).plan([site])
+    assert not plan.quantized and "could not be resolved" in plan.skip_reason
+    assert site.qualified_name.startswith("<") and site.module_name is None
