@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import types
-from collections.abc import Iterator
 from typing import Any
 
 from torch import fx, nn
@@ -51,18 +50,36 @@ class WeightNames:
     def resolved(self) -> bool:
         return bool(self.names)
 
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """The module part of every name (``lm_head`` for ``lm_head.weight``)."""
+        return tuple(name.rpartition(".")[0] for name in self.names)
+
     def owners(self) -> list[tuple[str, nn.Module]]:
         """``(module name, module)`` for each module holding the parameter under one of its names."""
         if self.root is None:
             return []
         out = []
-        for name in self.names:
-            module_name = name.rpartition(".")[0]
+        for module_name in self.module_names:
             try:
                 out.append((module_name, self.root.get_submodule(module_name)))
             except AttributeError:
                 continue
         return out
+
+
+def parameter_aliases(root: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> every name it has under ``root`` (``named_parameters(remove_duplicate=False)``)."""
+    names: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def primary_first(primary: str | None, aliases: list[str]) -> tuple[str, ...]:
+    """``aliases`` with ``primary`` first when it is one of them."""
+    ordered = [primary] if primary in aliases else []
+    return tuple(ordered + [a for a in aliases if a not in ordered])
 
 
 def _chain(source: Any) -> list[Any]:
@@ -147,21 +164,13 @@ class ParameterNames:
         self._frame = _dynamo_frame()
         self._aliases: dict[int, dict[int, list[str]]] = {}  # id(root module) -> id(param) -> names
 
-    def _alias_map(self, root: nn.Module) -> dict[int, list[str]]:
-        if id(root) not in self._aliases:
-            names: dict[int, list[str]] = {}
-            for name, param in root.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), []).append(name)
-            self._aliases[id(root)] = names
-        return self._aliases[id(root)]
-
     def _with_aliases(self, structural: str | None, tensor: Any, root: Any) -> WeightNames:
         if isinstance(root, nn.Module):
-            aliases = self._alias_map(root).get(id(tensor), [])
+            if id(root) not in self._aliases:
+                self._aliases[id(root)] = parameter_aliases(root)
+            aliases = self._aliases[id(root)].get(id(tensor), [])
             if aliases:
-                ordered = [structural] if structural in aliases else []
-                ordered += [a for a in aliases if a not in ordered]
-                return WeightNames(tuple(ordered), root)
+                return WeightNames(primary_first(structural, aliases), root)
         return WeightNames((structural,) if structural else (), root if isinstance(root, nn.Module) else None)
 
     def for_placeholder(self, node: fx.Node, tensor: Any) -> WeightNames:
@@ -186,8 +195,3 @@ class ParameterNames:
         """Names for a ``get_attr`` / ``call_module`` weight: the graph module is the model."""
         return self._with_aliases(target, tensor, self.gm)
 
-
-def iter_module_names(names: WeightNames) -> Iterator[str]:
-    """The module part of each name (``lm_head`` for ``lm_head.weight``)."""
-    for name in names.names:
-        yield name.rpartition(".")[0]

@@ -57,7 +57,7 @@ class LinearSite:
     @property
     def module_names(self) -> tuple[str, ...]:
         """The module part of every name of the weight (a tied head: ``lm_head`` and ``model.embed_tokens``)."""
-        return tuple(name.rpartition(".")[0] for name in self.weight_names.names)
+        return self.weight_names.module_names
 
     @property
     def param_name(self) -> str | None:

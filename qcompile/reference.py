@@ -15,8 +15,9 @@ from torch import nn
 
 from qcompile.config import QuantConfig
 from qcompile.formats import Scheme
+from qcompile.passes.names import WeightNames, parameter_aliases, primary_first
 from qcompile.passes.plan import decide_weight
-from qcompile.passes.sites import linear_weight_of
+from qcompile.passes.sites import float_reader, linear_weight_of
 
 
 class DequantizedLinear(nn.Module):
@@ -56,20 +57,21 @@ def dequantized_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     (``passes.plan.decide_weight``).
     """
     reference = copy.deepcopy(model)
-    names: dict[int, list[str]] = {}
-    for name, param in reference.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name.rpartition(".")[0])
-    for name, module in list(reference.named_modules()):
+    aliases = parameter_aliases(reference)
+    # Decide every linear before replacing any: a replaced module would no longer look like a linear
+    # to the tied-weight check of a later one.
+    chosen = []
+    for name, module in reference.named_modules():
         found = linear_weight_of(module)
         if found is None:
             continue
         weight, transposed = found
-        aliases = [name] + [n for n in names.get(id(weight), []) if n != name]
-        reader = next((n for n in aliases if linear_weight_of(reference.get_submodule(n)) is None), None)
-        scheme, _, _ = decide_weight(config, aliases, reader)
+        weight_names = WeightNames(primary_first(f"{name}.weight", aliases.get(id(weight), [])), reference)
+        scheme, _, _ = decide_weight(config, weight_names.module_names, float_reader(weight_names))
         shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
-        if scheme is None or scheme.unsupported_reason(shape, weight.dtype):
-            continue
+        if scheme is not None and scheme.unsupported_reason(shape, weight.dtype) is None:
+            chosen.append((name, module, weight, transposed, scheme))
+    for name, module, weight, transposed, scheme in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = reference.get_submodule(parent_name) if parent_name else reference
         setattr(parent, child, DequantizedLinear(weight, module.bias, scheme, f"{name}.weight", transposed))

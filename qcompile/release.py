@@ -58,7 +58,7 @@ def kept_reason(plan: SitePlan) -> str | None:
     """Why the site's weight must keep its float data, or None when it can be released."""
     site = plan.site
     names = site.weight_names
-    if site.form != "linear" and site.form not in ("matmul", "addmm"):
+    if site.form == "call_module":
         return "not a graph input (graph built without dynamo)"
     if len(names.names) > 1:
         return f"tied: also {', '.join(names.names[1:])}"

@@ -104,8 +104,11 @@ def test_shared_weight_is_packed_once():
     model = MLP(d_in=128, hidden=128).eval()
     model.fc2.weight = model.fc1.weight  # one parameter behind two linears
     rec = Recorder()
+    x = torch.randn(2, 128)
     with torch.no_grad():
-        out = torch.compile(model, backend="qcompile", options=rec.options())(torch.randn(2, 128))
+        out = torch.compile(model, backend="qcompile", options=rec.options())(x)
+        expected = dequantized_reference(model, FP32_NF4)(x)  # both linears quantized there too
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     gm, = rec.graphs
     assert rec.op_count() == 2
     assert len(cached_packed_weights(model.fc1.weight)) == 1
