@@ -251,3 +251,21 @@ def test_int8_matmul_is_exact(m, k, n):
     expected = (a.long() @ b.long().t()).to(torch.int32)
     got = int8_matmul(a, b)
     assert got.dtype == torch.int32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.kind}")
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear-layout", "in-out-layout"])
+def test_quantized_linear_opcheck_and_equals_the_format_op(scheme, transposed):
+    """The op the rewrite emits: the float parameter in, its packed form found per call."""
+    from qcompile.ops.quantized_linear import scheme_key
+
+    w = torch.nn.Parameter(weight((48, 256)), requires_grad=False)
+    param = torch.nn.Parameter(w.detach().t().contiguous(), requires_grad=False) if transposed else w
+    x = activations((2, 3, 256)).requires_grad_()
+    bias = torch.randn(48, requires_grad=True)
+    args = (x, param, bias, scheme_key(scheme), transposed, "w", "reference")
+    opcheck(torch.ops.qcompile.quantized_linear.default, args)
+    out = torch.ops.qcompile.quantized_linear.default(*args)
+    torch.testing.assert_close(out, call(qcompile.pack(w.detach(), scheme), x, bias), rtol=0, atol=0)
+    grad_args = (torch.randn(2, 3, 48), param, scheme_key(scheme), transposed, "w", x.dtype)
+    opcheck(torch.ops.qcompile.quantized_linear_grad_input.default, grad_args)
