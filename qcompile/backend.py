@@ -24,18 +24,21 @@ from torch._dynamo.exc import ShortenTraceback
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
+from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_quantized
 from qcompile.ops.dispatch import KERNELS
 from qcompile.pack_cache import packed_weight
 from qcompile.passes.plan import TRAINABLE, SitePlan
 from qcompile.passes.rewrite_linear import rewrite_linears
-from qcompile.passes.sites import find_linear_sites
+from qcompile.passes.sites import find_linear_sites, linear_weight_of
 from qcompile.release import kept_reason, note_float_reads, release
 from qcompile.report import Plan, rows_for
 
 log = logging.getLogger("qcompile")
 
 INNER = ("inductor", "eager")
-_OPTION_KEYS = ("config", "inner", "kernels", "release_weights", "quantize_trainable", "on_plan", "mode")
+_OPTION_KEYS = (
+    "config", "inner", "kernels", "release_weights", "quantize_trainable", "on_plan", "mode", "on_fallback",
+)
 # inductor's modes; torch.compile refuses `mode` together with `options`, so it is also an option here.
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -53,6 +56,9 @@ class BackendOptions:
         float, skipped in the plan; quantized weights never get a gradient).
     on_plan: called with the :class:`~qcompile.report.Plan` of every graph compiled.
     mode: inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...), for the inner inductor.
+    on_fallback: "error" (default) or "warn": what happens when a quantized module runs in float outside
+        qcompile's graphs (dynamo's recompile limit, a frame it skips, another backend compiling the model;
+        ``qcompile/fallback.py``).
     """
 
     config: QuantConfig
@@ -62,6 +68,7 @@ class BackendOptions:
     quantize_trainable: bool = False
     on_plan: Callable[[Plan], None] | None = None
     mode: str | None = None
+    on_fallback: str = "error"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -89,10 +96,13 @@ class BackendOptions:
             raise ValueError(f"options.mode: {mode!r} is not allowed; allowed: {', '.join(INDUCTOR_MODES)}")
         if mode is not None and inner != "inductor":
             raise ValueError(f"options.mode: {mode!r} applies to inner='inductor' only, not {inner!r}")
+        on_fallback = options.get("on_fallback", "error")
+        if on_fallback not in ON_FALLBACK:
+            raise ValueError(f"options.on_fallback: {on_fallback!r} is not allowed; allowed: {', '.join(ON_FALLBACK)}")
         return cls(
             config=config_module.load(options.get("config")),
             inner=inner, kernels=kernels, release_weights=release, quantize_trainable=trainable, on_plan=on_plan,
-            mode=mode,
+            mode=mode, on_fallback=on_fallback,
         )
 
 
@@ -113,11 +123,14 @@ class QcompileError(ShortenTraceback, ValueError):
 
 
 def quantize_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, policy: FallbackPolicy
 ) -> tuple[Plan, list[SitePlan]]:
-    """Plan and rewrite ``gm`` in place; returns the plan and the sites whose weights may be released."""
+    """Plan and rewrite ``gm`` in place; returns the plan and the sites whose weights may be released.
+
+    The modules of every quantized weight get a fallback guard following ``policy``."""
     start = time.perf_counter()
     graph_id = _graph_id(gm)
+    strip_expect_quantized(gm)
     sites = find_linear_sites(gm, example_inputs)
     plans = opts.config.plan(sites, quantize_trainable=opts.quantize_trainable)
     for plan in plans:
@@ -127,6 +140,10 @@ def quantize_graph(
     rewritten = rewrite_linears(gm, plans, opts.kernels)
     for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
         packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
+        for _, module in plan.site.weight_names.owners():
+            linear = linear_weight_of(module)
+            if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
+                guard(module, plan.site.qualified_name, policy)
     names = {id(s.parameter): s.qualified_name for s in sites if s.parameter is not None}
     note_float_reads(gm, example_inputs, graph_id, names)
     trainable = [p.site.qualified_name for p in rewritten if p.site.parameter.requires_grad]
@@ -151,7 +168,7 @@ def quantize_graph(
     return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), releasable
 
 
-def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan]) -> Callable:
+def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan], policy: FallbackPolicy) -> Callable:
     """Wrap ``compiled`` so the sites' weights are released after its first call.
 
     Dynamo checks its guards against the parameters right after the backend returns,
@@ -164,7 +181,7 @@ def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan
     def call(*args: Any, **kwargs: Any) -> Any:
         out = compiled(*args, **kwargs)
         while pending:
-            release(pending.pop())
+            release(pending.pop(), policy)
         return out
 
     # Inductor's compiled functions take one list argument; the flag tells dynamo so.
@@ -174,8 +191,9 @@ def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
+    policy = FallbackPolicy(opts.on_fallback)
     try:
-        plan, releasable = quantize_graph(gm, example_inputs, opts)
+        plan, releasable = quantize_graph(gm, example_inputs, opts, policy)
     except ValueError as e:
         raise QcompileError(str(e)) from e
     if plan.rows:
@@ -183,7 +201,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
     if opts.on_plan is not None:
         opts.on_plan(plan)
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
-    return _release_after_first_call(compiled, releasable) if releasable else compiled
+    return _release_after_first_call(compiled, releasable, policy) if releasable else compiled
 
 
 def qcompile_backend(

@@ -12,6 +12,7 @@ import torch
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
+from qcompile.fallback import strip_expect_quantized
 from qcompile.passes.sites import find_linear_sites
 from qcompile.report import Plan, PlanRow, rows_for
 
@@ -34,6 +35,7 @@ def explain(
     seen: set[int] = set()
 
     def capture(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        strip_expect_quantized(gm)  # a model compiled with qcompile before: its guards' markers
         plans = quant_config.plan(find_linear_sites(gm, inputs))
         graph_id = gm.meta.get("dynamo_compile_id")
         rows.extend(rows_for(plans, str(graph_id) if graph_id is not None else str(len(rows)), seen))

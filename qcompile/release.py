@@ -10,21 +10,21 @@ reads the packed form. That is shown, per parameter, by:
 * no graph compiled so far read it outside a quantized linear (a graph break can put the embedding
   and the head of one tied weight in two graphs).
 
-Otherwise the weight is kept and the plan says why. A released weight's owning modules get a
-forward pre-hook that raises when the module runs outside compiled code (dynamo gave up on the
-frame, or the user called the eager model), so the eager model fails loudly instead of computing
-with the released data; a graph compiled later that reads a released weight outside a quantized
-linear is refused with an error naming the weight.
+Otherwise the weight is kept and the plan says why. A released weight's owning modules' fallback
+guard (``qcompile/fallback.py``) then raises whenever the module runs outside a qcompile graph
+(dynamo gave up on the frame, another backend compiled it, or the user called the eager model), so
+the model fails loudly instead of computing with the released data; a graph compiled later that
+reads a released weight outside a quantized linear is refused with an error naming the weight.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from qcompile.fallback import FallbackPolicy, guard
 from qcompile.pack_cache import is_released, release_parameter
 from qcompile.passes.plan import SitePlan
 from qcompile.passes.rewrite_linear import reads_outside_quantized_linears
@@ -75,23 +75,11 @@ def kept_reason(plan: SitePlan) -> str | None:
     return None
 
 
-def _eager_guard(name: str):
-    def guard(module: nn.Module, args: Any) -> None:
-        if not torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"qcompile: {name} was released (release_weights=True), but its module ran outside the "
-                "compiled graph (dynamo fell back to Python, or the model was called without compile); "
-                "compile without release_weights to keep an eager model"
-            )
-
-    return guard
-
-
-def release(plan: SitePlan) -> None:
-    """Release the site's weight and guard its owning modules' eager forward."""
+def release(plan: SitePlan, policy: FallbackPolicy) -> None:
+    """Release the site's weight; its owning modules' guards then refuse any float run."""
     site = plan.site
     if is_released(site.parameter):
         return
     for _, module in site.weight_names.owners():
-        module.register_forward_pre_hook(_eager_guard(site.qualified_name))
+        guard(module, site.qualified_name, policy, released=True)
     release_parameter(site.parameter)

@@ -9,6 +9,7 @@ bias only: quantized weights are frozen) and a plain-torch reference implementat
 """
 
 from qcompile.ops import (
+    expect_quantized,
     linear_4bit,
     linear_int8,
     linear_int8_weight_only,
@@ -20,6 +21,7 @@ from qcompile.ops.dispatch import KERNELS, check_kernels, use_triton
 __all__ = [
     "KERNELS",
     "check_kernels",
+    "expect_quantized",
     "linear_4bit",
     "linear_int8",
     "linear_int8_weight_only",

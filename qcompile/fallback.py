@@ -1,0 +1,158 @@
+"""Never silently unquantized: tell the user when a module whose weight qcompile quantized runs in float.
+
+A model compiled with qcompile can still run its linears in float, without qcompile seeing them:
+
+* dynamo gives up on a frame (its recompile limit, say, during ``generate()`` with changing shapes)
+  and runs the frame as plain Python: every module in it runs eagerly, in float;
+* dynamo runs a module call eagerly inside a compiled region (a frame it skips);
+* another backend compiles the model: in nested ``torch.compile`` calls the outer one wins, so
+  transformers' ``generate()``, which compiles ``model.__call__`` with inductor when it uses a static
+  cache on CUDA, traces straight through a ``model.forward`` compiled with qcompile.
+
+Every module owning a weight that qcompile quantized gets a forward pre-hook (:class:`FallbackGuard`):
+
+* While dynamo traces (for any backend) it puts ``qcompile::expect_quantized`` into the graph.
+  qcompile's backend removes those nodes (:func:`strip_expect_quantized`); any other backend runs
+  them, and they report.
+* When it runs eagerly, it asks dynamo whether a compiled region is active (dynamo's frame callback
+  is set): then dynamo chose to run this module without compiling it, and it reports. A plain eager
+  call (no ``torch.compile`` on the stack, or inside ``torch.compiler.disable``) is the user's float
+  model and is left alone, unless the weight was released (``release_weights=True``): then it
+  always raises, since the float data is gone.
+
+Reporting follows the backend option ``on_fallback``: ``"error"`` (default) raises a RuntimeError
+naming the module, ``"warn"`` warns once per compile (a :class:`FloatFallbackWarning`, naming the first
+module) and lets it run in float. Hooks added after a graph was traced do not cause a recompile
+(dynamo does not guard on module hooks by default: ``torch._dynamo.config.skip_nnmodule_hook_guards``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger("qcompile")
+
+ON_FALLBACK = ("error", "warn")
+
+_REMEDY = (
+    "To stay quantized: for generate(), compile with dynamic=True or use the static cache (README, "
+    "'Generation'); for transformers' automatic compile, pass compile_config=CompileConfig(backend='qcompile', "
+    "mode=None, options={...}); raise torch._dynamo.config.recompile_limit if shapes really vary that much. "
+    "To run in float anyway, compile with options={'on_fallback': 'warn'}."
+)
+
+
+class FloatFallbackWarning(UserWarning):
+    """A module whose weight qcompile quantized ran in float (``on_fallback="warn"``)."""
+
+
+@dataclasses.dataclass(eq=False)
+class FallbackPolicy:
+    """What one compile asked for on fallback; shared by the guards it installed (they warn once together)."""
+
+    on_fallback: str
+    warned: bool = False
+
+
+def report(name: str, how: str, policy: FallbackPolicy | str, released: bool = False) -> None:
+    """Raise or warn that ``name`` ran in float (``how`` says why), per ``policy``."""
+    mode = policy if isinstance(policy, str) else policy.on_fallback
+    if released:
+        raise RuntimeError(
+            f"qcompile: {name} was released (release_weights=True), but its module ran {how}; "
+            "compile without release_weights to keep a usable float model"
+        )
+    module = name.rpartition(".")[0] or name
+    message = f"qcompile: {module} ran in float although qcompile quantized its weight {name}: it ran {how}. {_REMEDY}"
+    if mode == "error":
+        raise RuntimeError(message)
+    if isinstance(policy, FallbackPolicy):
+        if policy.warned:
+            return
+        policy.warned = True
+    log.warning("%s", message)
+    warnings.warn(message, FloatFallbackWarning, stacklevel=3)
+
+
+def _compiled_region_active() -> bool:
+    """Whether dynamo's frame callback is set: ``torch.compile`` code is on the stack but this frame runs as Python.
+
+    The callback is None in plain eager code and inside ``torch.compiler.disable``; it is False while dynamo
+    runs a frame it gave up on (recompile limit), and the backend's callback in frames it skips.
+    """
+    get = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
+    return get is not None and get() is not None
+
+
+_EAGER = ("outside a qcompile graph (without torch.compile, or dynamo ran this code as plain Python: "
+          "TORCH_LOGS=recompiles says why)")
+_FOREIGN = "in a graph compiled by another torch.compile backend (a nested torch.compile: the outer one wins)"
+
+
+class FallbackGuard:
+    """The forward pre-hook on a module owning a quantized weight (see the module docstring).
+
+    While dynamo traces the hook it reads only ``name``, ``released`` and ``on_fallback`` (strings and a bool,
+    guarded by value), never ``policy``: a new policy object from a later compile must not fail the guards
+    of the graphs traced before it.
+    """
+
+    def __init__(self, name: str, policy: FallbackPolicy, released: bool = False):
+        self.name = name
+        self.on_fallback = policy.on_fallback
+        self.policy = policy
+        self.released = released
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if x is not None:
+                mode = "released" if self.released else self.on_fallback
+                torch.ops.qcompile.expect_quantized.default(x, self.name, mode)
+            return
+        if self.released or _compiled_region_active():
+            report(self.name, _EAGER, self.policy, self.released)
+
+
+# Module -> its guard, so that a recompile or a second compile updates the guard instead of adding one.
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, FallbackGuard] = weakref.WeakKeyDictionary()
+
+
+def guard(module: nn.Module, name: str, policy: FallbackPolicy, released: bool = False) -> None:
+    """Install (or update) ``module``'s guard; ``name`` is its quantized weight's name, for messages."""
+    hook = _GUARDS.get(module)
+    if hook is None:
+        hook = _GUARDS[module] = FallbackGuard(name, policy, released)
+        module.register_forward_pre_hook(hook)
+        return
+    hook.policy = policy
+    # Assign only on change: these are what traced graphs guard on.
+    if (hook.name, hook.on_fallback) != (name, policy.on_fallback):
+        hook.name, hook.on_fallback = name, policy.on_fallback
+    if released and not hook.released:
+        hook.released = True
+
+
+def strip_expect_quantized(gm: fx.GraphModule) -> int:
+    """Remove the ``expect_quantized`` nodes the guards put into a graph qcompile compiles; returns how many."""
+    target = torch.ops.qcompile.expect_quantized.default
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+    for node in nodes:
+        gm.graph.erase_node(node)
+    if nodes:
+        gm.recompile()
+    return len(nodes)
+
+
+def foreign_graph_ran(name: str, on_fallback: str) -> None:
+    """``expect_quantized``'s body: it only runs in graphs another backend compiled.
+
+    ``on_fallback`` is the option, or ``"released"`` when the weight's float data was released."""
+    report(name, _FOREIGN, on_fallback, released=on_fallback == "released")
