@@ -123,11 +123,11 @@ class QcompileError(ShortenTraceback, ValueError):
 
 
 def quantize_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, policy: FallbackPolicy
-) -> tuple[Plan, list[SitePlan]]:
-    """Plan and rewrite ``gm`` in place; returns the plan and the sites whose weights may be released.
+    gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
+) -> tuple[Plan, list[SitePlan], list[SitePlan]]:
+    """Plan and rewrite ``gm`` in place.
 
-    The modules of every quantized weight get a fallback guard following ``policy``."""
+    Returns the plan, the sites rewritten, and those of them whose weights may be released."""
     start = time.perf_counter()
     graph_id = _graph_id(gm)
     strip_expect_quantized(gm)
@@ -140,10 +140,6 @@ def quantize_graph(
     rewritten = rewrite_linears(gm, plans, opts.kernels)
     for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
         packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
-        for _, module in plan.site.weight_names.owners():
-            linear = linear_weight_of(module)
-            if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
-                guard(module, plan.site.qualified_name, policy)
     names = {id(s.parameter): s.qualified_name for s in sites if s.parameter is not None}
     note_float_reads(gm, example_inputs, graph_id, names)
     trainable = [p.site.qualified_name for p in rewritten if p.site.parameter.requires_grad]
@@ -165,23 +161,35 @@ def quantize_graph(
             if reason is None:
                 releasable.append(plan)
     rows = rows_for(plans, graph_id, set(), release_notes)
-    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), releasable
+    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable
 
 
-def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan], policy: FallbackPolicy) -> Callable:
-    """Wrap ``compiled`` so the sites' weights are released after its first call.
+def _guard_modules(plans: list[SitePlan], policy: FallbackPolicy) -> None:
+    """Give the linear modules of the quantized weights their fallback guard (``qcompile/fallback.py``)."""
+    for plan in plans:
+        for _, module in plan.site.weight_names.owners():
+            linear = linear_weight_of(module)
+            if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
+                guard(module, plan.site.qualified_name, policy)
 
-    Dynamo checks its guards against the parameters right after the backend returns,
-    so they cannot change during compilation. Once released, the parameters' new
-    strides fail the guards of this graph: the next call recompiles once and the new
-    graph finds the packed weights that were made before the release.
+
+def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[], None]) -> Callable:
+    """Wrap ``compiled`` so that ``first_call()`` runs once, right after its first call.
+
+    Why not at compile time: the fallback guards are module hooks, and dynamo may still be tracing the
+    frame when it calls the backend (a graph break compiles the graph before it, then tracing goes on
+    or restarts); hooks appearing mid-trace make its replay diverge (``SpeculationLogDivergence``).
+    A compiled graph first runs after its frame is traced. Released weights must wait for it too:
+    dynamo checks its guards against the parameters right after the backend returns. Once released,
+    the parameters' new strides fail the guards of this graph: the next call recompiles once and the
+    new graph finds the packed weights that were made before the release.
     """
-    pending = list(plans)
+    pending = [first_call]
 
     def call(*args: Any, **kwargs: Any) -> Any:
         out = compiled(*args, **kwargs)
         while pending:
-            release(pending.pop(), policy)
+            pending.pop()()
         return out
 
     # Inductor's compiled functions take one list argument; the flag tells dynamo so.
@@ -191,9 +199,8 @@ def _release_after_first_call(compiled: Callable[..., Any], plans: list[SitePlan
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
-    policy = FallbackPolicy(opts.on_fallback)
     try:
-        plan, releasable = quantize_graph(gm, example_inputs, opts, policy)
+        plan, rewritten, releasable = quantize_graph(gm, example_inputs, opts)
     except ValueError as e:
         raise QcompileError(str(e)) from e
     if plan.rows:
@@ -201,7 +208,16 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
     if opts.on_plan is not None:
         opts.on_plan(plan)
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
-    return _release_after_first_call(compiled, releasable, policy) if releasable else compiled
+    if not rewritten:
+        return compiled
+    policy = FallbackPolicy(opts.on_fallback)
+
+    def first_call() -> None:
+        _guard_modules(rewritten, policy)
+        for plan in releasable:
+            release(plan, policy)
+
+    return _after_first_call(compiled, first_call)
 
 
 def qcompile_backend(

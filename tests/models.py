@@ -26,13 +26,13 @@ class BrokenMLP(MLP):
         return self.lm_head(torch.relu(self.fc2(h)))
 
 
-def tiny_llama(layers: int = 2, seed: int = 0):
+def tiny_llama(layers: int = 2, seed: int = 0, max_positions: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 

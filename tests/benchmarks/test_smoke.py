@@ -138,3 +138,17 @@ def test_cpu_compare_small_run_writes_both_schemes(tmp_path):
     # Same numerics as bitsandbytes' dequantize + F.linear (NF4) and LLM.int8() inference path.
     assert rows["nf4_dq"]["rel_diff_qcompile_vs_bnb_train"] == 0.0
     assert rows["llm_int8"]["rel_diff_qcompile_vs_bnb_eval"] == 0.0
+
+
+def test_generate_smoke_counts_graphs_and_decode_speed(tmp_path):
+    from benchmarks import generate
+
+    assert generate.main(["--smoke", "--calls", "2", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "generate.json").read_text())
+    graphs = {(r["recipe"], r["variant"]): r for r in doc["graphs"]}
+    for recipe in generate.RECIPES:
+        qc, dynamo = graphs[(recipe, "qcompile_eager")], graphs[(recipe, "dynamo")]
+        assert 0 < qc["graphs"] <= dynamo["graphs"]
+        assert qc["equal_to_reference"] == qc["calls"] == 2
+    assert {r["variant"] for r in doc["decode"]} == {"qcompile_eager", "eager"}
+    assert all(r["decode_tokens_per_s"] > 0 for r in doc["decode"])
