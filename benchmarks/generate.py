@@ -89,6 +89,12 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs)
 
 
+def _seconds(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int, kwargs: dict) -> float:
+    start = time.perf_counter()
+    _generate(model, ids, mask, new, **kwargs)
+    return time.perf_counter() - start
+
+
 def _compile(model: torch.nn.Module, variant: str) -> GraphCounter:
     """Compile ``model.forward`` for ``variant``; returns the counter of the graphs it gets."""
     counter = CountingInductor() if variant in ("inductor", "qcompile_inductor") else GraphCounter()
@@ -118,7 +124,7 @@ def count_graphs(recipe: str, variants: list[str], calls: list, layers: int) -> 
         row = {"recipe": recipe, "variant": variant, "graphs": counter.graphs, "calls": len(calls),
                "seconds": round(time.perf_counter() - start, 2)}
         if variant.startswith("qcompile"):
-            row["equal_to_reference"] = sum(torch.equal(a, b) for a, b in zip(out, expected))
+            row["equal_to_reference"] = sum(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
         rows.append(row)
     torch._dynamo.reset()
     return rows
@@ -137,12 +143,9 @@ def decode_speed(recipe: str, variants: list[str], tokens: int, layers: int) -> 
             _compile(model, variant)
         _generate(model, ids, mask, tokens + 1, **kwargs)  # compiles prefill and decode
 
-        def timed(new: int) -> float:
-            start = time.perf_counter()
-            _generate(model, ids, mask, new, **kwargs)
-            return time.perf_counter() - start
-
-        decode = statistics.median(timed(tokens + 1) - timed(1) for _ in range(3))
+        decode = statistics.median(
+            _seconds(model, ids, mask, tokens + 1, kwargs) - _seconds(model, ids, mask, 1, kwargs) for _ in range(3)
+        )
         rows.append({"recipe": recipe, "variant": variant, "decode_tokens_per_s": round(tokens / decode, 1)})
     torch._dynamo.reset()
     return rows

@@ -83,8 +83,8 @@ def test_generate_stays_within_dynamos_graph_budget_and_equals_the_reference(cac
 
     assert len(counter.graphs) <= budget, f"qcompile compiled {len(counter.graphs)} graphs, dynamo needs {budget}"
     assert quantized_ops(counter.graphs) >= len(counter.graphs) * 14  # 2 layers x 7 linears, lm_head skipped
-    assert any(not torch.equal(f, e) for f, e in zip(float_tokens, expected))  # tells quantized from float
-    for i, (got, want) in enumerate(zip(out, expected)):
+    assert any(not torch.equal(f, e) for f, e in zip(float_tokens, expected, strict=True))  # tells quantized from float
+    for i, (got, want) in enumerate(zip(out, expected, strict=True)):
         assert torch.equal(got, want), f"call {i} (batch {got.shape[0]}) differs from the quantized reference"
 
 
@@ -126,5 +126,5 @@ def test_transformers_auto_compile_leaves_the_qcompile_forward_in_charge(auto_ba
     assert getattr(model, "_compiled_call", None) is not None  # transformers did compile __call__
     assert outer.graphs == []
     assert quantized_ops(counter.graphs) > 0
-    for got, want in zip(out, expected):
+    for got, want in zip(out, expected, strict=True):
         assert torch.equal(got, want)
