@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--variants", default="dynamo,inductor,qcompile_eager,qcompile_inductor")
+    parser.add_argument("--parts", default="graphs,decode", help="graphs, decode, or both")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="3 calls, 2 tokens, 1 layer, no inductor")
     args = parser.parse_args(argv)
@@ -165,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants.split(",")
     calls = workload(args.calls)
     graphs, decode = [], []
+    parts = args.parts.split(",")
     for recipe in RECIPES:
-        graphs += count_graphs(recipe, variants, calls, args.layers)
-        decode += decode_speed(recipe, [v for v in variants if v != "dynamo"], args.tokens, args.layers)
+        if "graphs" in parts:
+            graphs += count_graphs(recipe, variants, calls, args.layers)
+        if "decode" in parts:
+            decode += decode_speed(recipe, [v for v in variants if v != "dynamo"], args.tokens, args.layers)
     doc = {"environment": environment(torch.device("cpu")), "calls": args.calls, "tokens": args.tokens,
            "layers": args.layers, "graphs": graphs, "decode": decode}
     for row in graphs:
@@ -176,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
     out = results_dir(args.out, args.smoke, cuda=False)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "generate.json").write_text(json.dumps(doc, indent=2) + "\n")
+        path = out / "generate.json"
+        if path.exists():  # a run of one part keeps the other part's rows
+            old = json.loads(path.read_text())
+            doc["graphs"] = doc["graphs"] or old.get("graphs", [])
+            doc["decode"] = doc["decode"] or old.get("decode", [])
+        path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {out / 'generate.json'}")
     return 0
 

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from qcompile.formats import Scheme
-from qcompile.passes.sites import LinearSite, float_reader
+from qcompile.passes.names import WeightNames, parameter_aliases
+from qcompile.passes.sites import LinearSite, float_reader, linear_weight_of
 
 if TYPE_CHECKING:
     from qcompile.config import QuantConfig
@@ -110,3 +112,26 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
             continue
         plans.append(SitePlan(site, scheme, None, decided_by))
     return plans
+
+
+def planned_linear_modules(root: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """``(module, weight name, weight)`` for every plain linear under ``root`` whose weight ``config`` quantizes.
+
+    Decided as :func:`plan_sites` decides a site, from the module tree alone (names, ties, shape and
+    dtype), so it covers linears that no graph has shown qcompile yet; whether the weight is trainable
+    is left to the caller, as it depends on the grad mode of each call.
+    """
+    aliases = parameter_aliases(root)
+    out = []
+    for module_name, module in root.named_modules():
+        linear = linear_weight_of(module)
+        if linear is None or not isinstance(linear[0], nn.Parameter) or linear[0].device.type == "meta":
+            continue
+        weight, stored_in_out = linear
+        names = WeightNames(tuple(aliases.get(id(weight), [f"{module_name}.weight"])), root)
+        scheme, _, _ = decide_weight(config, names.module_names, float_reader(names))
+        shape = tuple(weight.shape[::-1]) if stored_in_out else tuple(weight.shape)
+        if scheme is None or len(shape) != 2 or scheme.unsupported_reason(shape, weight.dtype) is not None:
+            continue
+        out.append((module, names.names[0], weight))
+    return out

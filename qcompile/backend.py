@@ -27,7 +27,7 @@ from qcompile.config import QuantConfig
 from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_quantized
 from qcompile.ops.dispatch import KERNELS
 from qcompile.pack_cache import packed_weight
-from qcompile.passes.plan import TRAINABLE, SitePlan
+from qcompile.passes.plan import TRAINABLE, SitePlan, planned_linear_modules
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites, linear_weight_of
 from qcompile.release import kept_reason, note_float_reads, release
@@ -164,13 +164,22 @@ def quantize_graph(
     return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable
 
 
-def _guard_modules(plans: list[SitePlan], policy: FallbackPolicy) -> None:
-    """Give the linear modules of the quantized weights their fallback guard (``qcompile/fallback.py``)."""
+def _guard_modules(plans: list[SitePlan], config: QuantConfig, policy: FallbackPolicy) -> None:
+    """Give a fallback guard (``qcompile/fallback.py``) to the linear modules of the quantized weights, and
+    to every other linear of the model the config quantizes: one that dynamo runs as Python from the
+    start never reaches qcompile, and would run in float unseen."""
+    roots = []
     for plan in plans:
         for _, module in plan.site.weight_names.owners():
             linear = linear_weight_of(module)
             if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
-                guard(module, plan.site.qualified_name, policy)
+                guard(module, plan.site.qualified_name, plan.site.parameter, policy)
+        root = plan.site.weight_names.root
+        if root is not None and all(root is not r for r in roots):
+            roots.append(root)
+    for root in roots:
+        for module, name, weight in planned_linear_modules(root, config):
+            guard(module, name, weight, policy)
 
 
 def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[], None]) -> Callable:
@@ -210,10 +219,10 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
     if not rewritten:
         return compiled
-    policy = FallbackPolicy(opts.on_fallback)
+    policy = FallbackPolicy(opts.on_fallback, opts.quantize_trainable)
 
     def first_call() -> None:
-        _guard_modules(rewritten, policy)
+        _guard_modules(rewritten, opts.config, policy)
         for plan in releasable:
             release(plan, policy)
 

@@ -9,7 +9,9 @@ A model compiled with qcompile can still run its linears in float, without qcomp
   transformers' ``generate()``, which compiles ``model.__call__`` with inductor when it uses a static
   cache on CUDA, traces straight through a ``model.forward`` compiled with qcompile.
 
-Every module owning a weight that qcompile quantized gets a forward pre-hook (:class:`FallbackGuard`):
+Every linear module whose weight qcompile quantized, or whose weight the config quantizes though no
+graph has shown it to qcompile yet (a frame dynamo runs as Python from the start), gets a forward
+pre-hook (:class:`FallbackGuard`):
 
 * While dynamo traces (for any backend) it puts ``qcompile::expect_quantized`` into the graph.
   qcompile's backend removes those nodes (:func:`strip_expect_quantized`); any other backend runs
@@ -58,6 +60,7 @@ class FallbackPolicy:
     """What one compile asked for on fallback; shared by the guards it installed (they warn once together)."""
 
     on_fallback: str
+    quantize_trainable: bool = False
     warned: bool = False
 
 
@@ -104,11 +107,18 @@ class FallbackGuard:
     of the graphs traced before it.
     """
 
-    def __init__(self, name: str, policy: FallbackPolicy, released: bool = False):
+    def __init__(self, name: str, policy: FallbackPolicy, weight: torch.Tensor, released: bool = False):
         self.name = name
         self.on_fallback = policy.on_fallback
         self.policy = policy
+        self.weight = weakref.ref(weight)
         self.released = released
+
+    def _planned_float(self) -> bool:
+        """Whether the plan would keep the weight float now: it requires grad while grad is enabled."""
+        weight = self.weight()
+        trainable = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+        return trainable and not self.policy.quantize_trainable
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.compiler.is_compiling():
@@ -117,7 +127,7 @@ class FallbackGuard:
                 mode = "released" if self.released else self.on_fallback
                 torch.ops.qcompile.expect_quantized.default(x, self.name, mode)
             return
-        if self.released or _compiled_region_active():
+        if self.released or (_compiled_region_active() and not self._planned_float()):
             report(self.name, _EAGER, self.policy, self.released)
 
 
@@ -125,11 +135,11 @@ class FallbackGuard:
 _GUARDS: weakref.WeakKeyDictionary[nn.Module, FallbackGuard] = weakref.WeakKeyDictionary()
 
 
-def guard(module: nn.Module, name: str, policy: FallbackPolicy, released: bool = False) -> None:
-    """Install (or update) ``module``'s guard; ``name`` is its quantized weight's name, for messages."""
+def guard(module: nn.Module, name: str, weight: torch.Tensor, policy: FallbackPolicy, released: bool = False) -> None:
+    """Install (or update) ``module``'s guard; ``name`` is the name of ``weight``, its quantized weight."""
     hook = _GUARDS.get(module)
     if hook is None:
-        hook = _GUARDS[module] = FallbackGuard(name, policy, released)
+        hook = _GUARDS[module] = FallbackGuard(name, policy, weight, released)
         module.register_forward_pre_hook(hook)
         return
     hook.policy = policy

@@ -81,5 +81,5 @@ def release(plan: SitePlan, policy: FallbackPolicy) -> None:
     if is_released(site.parameter):
         return
     for _, module in site.weight_names.owners():
-        guard(module, site.qualified_name, policy, released=True)
+        guard(module, site.qualified_name, site.parameter, policy, released=True)
     release_parameter(site.parameter)

@@ -126,3 +126,42 @@ def test_expect_quantized_passes_opcheck():
 def test_on_fallback_option_is_checked():
     with pytest.raises(ValueError, match="options.on_fallback: 'ignore' is not allowed; allowed: error, warn"):
         qcompile.make_backend(on_fallback="ignore")
+
+
+class TwoPaths(torch.nn.Module):
+    """``b`` runs only when asked: the first graph never shows it to qcompile."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x, use_b: bool):
+        return self.b(x) if use_b else self.a(x)
+
+
+@torch.no_grad()
+def test_a_linear_no_graph_showed_qcompile_is_still_guarded():
+    model = TwoPaths().eval()
+    compiled = torch.compile(model, backend="qcompile", options={"config": CONFIG, "inner": "eager"})
+    x = torch.randn(2, 64)
+    compiled(x, False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.raises(RuntimeError, match=r"b ran in float although qcompile quantized its weight b\.weight"):
+            compiled(x, True)  # dynamo may not compile the new path: b would run in float, never planned
+
+
+@torch.no_grad()
+def test_guards_follow_the_config_and_the_grad_mode():
+    """No report where the plan itself keeps the weight float: a skip rule, or a trainable weight under grad."""
+    from qcompile import Rule
+
+    model = TwoPaths().eval()
+    config = QuantConfig(default=CONFIG.default, rules=(Rule("b", None),))
+    compiled = torch.compile(model, backend="qcompile", options={"config": config, "inner": "eager"})
+    x = torch.randn(2, 64)
+    compiled(x, False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch.testing.assert_close(compiled(x, True), model(x, True))  # b is float by the config: no report
+    model.a.weight.requires_grad_(True)
+    with torch.enable_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        compiled(torch.randn(3, 5, 64), False)  # a trainable weight under grad is float by the plan: no report
