@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import types
 from typing import Any
 
 from torch import fx, nn
 from torch._dynamo import source as dynamo_source
+from torch._dynamo.eval_frame import OptimizedModule
 
 log = logging.getLogger("qcompile")
 
@@ -40,11 +42,14 @@ class WeightNames:
     """Every qualified name of one parameter under the model's first ``nn.Module`` (primary first).
 
     ``names`` is empty when the name could not be resolved. ``root`` is that first module when it
-    could be found (needed to reach the modules owning the parameter), else None.
+    could be found (needed to reach the modules owning the parameter), else None. ``in_submodule_frame``:
+    the graph's frame is a submodule's (see :func:`enclosing_model`), so dynamo may run the graph on the
+    weights of the submodule's siblings.
     """
 
     names: tuple[str, ...] = ()
     root: nn.Module | None = dataclasses.field(default=None, compare=False, repr=False)
+    in_submodule_frame: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def resolved(self) -> bool:
@@ -69,11 +74,19 @@ class WeightNames:
 
 
 def parameter_aliases(root: nn.Module) -> dict[int, list[str]]:
-    """``id(parameter)`` -> every name it has under ``root`` (``named_parameters(remove_duplicate=False)``)."""
+    """``id(parameter)`` -> every name it has under ``root`` (``named_parameters(remove_duplicate=False)``).
+
+    ``_orig_mod`` parts (a submodule replaced by its ``torch.compile`` wrapper) are left out."""
     names: dict[int, list[str]] = {}
     for name, param in root.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+        name = _without_compile_wrappers(name)
+        if name not in names.setdefault(id(param), []):
+            names[id(param)].append(name)
     return names
+
+
+def _without_compile_wrappers(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def primary_first(primary: str | None, aliases: list[str]) -> tuple[str, ...]:
@@ -156,6 +169,31 @@ def _dynamo_frame() -> tuple[dict[str, Any], dict[str, Any]] | None:
         return None
 
 
+def enclosing_model(module: nn.Module) -> tuple[nn.Module, str]:
+    """The outermost module running on the Python stack that contains ``module``, and ``module``'s name in it.
+
+    Dynamo compiles a submodule's forward as a frame of its own when the model's frame breaks inside
+    it, and when each layer is compiled on its own (regional compilation, ``layer.compile()``). Names
+    relative to that submodule (``self_attn.q_proj``) would miss rules written for the model
+    (``model.layers.0.*``); the model is still running, in eager frames further up the stack, as the
+    ``self`` of its forward. ``torch.compile``'s wrapper (``OptimizedModule``) is not a model, and its
+    ``_orig_mod`` is left out of names. ``(module, "")`` when nothing encloses it.
+    """
+    best: tuple[nn.Module, str] = (module, "")
+    frame = sys._getframe(1)
+    seen: set[int] = set()
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
+        if isinstance(candidate, nn.Module) and id(candidate) not in seen and candidate is not module:
+            seen.add(id(candidate))
+            if not isinstance(candidate, OptimizedModule):
+                name = next((n for n, m in candidate.named_modules(remove_duplicate=False) if m is module), None)
+                if name is not None:
+                    best = (candidate, _without_compile_wrappers(name))
+        frame = frame.f_back
+    return best
+
+
 class ParameterNames:
     """Resolves the names of one graph's weights; one instance per backend call."""
 
@@ -163,15 +201,17 @@ class ParameterNames:
         self.gm = gm
         self._frame = _dynamo_frame()
         self._aliases: dict[int, dict[int, list[str]]] = {}  # id(root module) -> id(param) -> names
+        self._enclosing: dict[int, tuple[nn.Module, str]] = {}  # id(root module) -> (model, root's name in it)
 
-    def _with_aliases(self, structural: str | None, tensor: Any, root: Any) -> WeightNames:
+    def _with_aliases(self, structural: str | None, tensor: Any, root: Any, in_submodule: bool = False) -> WeightNames:
         if isinstance(root, nn.Module):
             if id(root) not in self._aliases:
                 self._aliases[id(root)] = parameter_aliases(root)
             aliases = self._aliases[id(root)].get(id(tensor), [])
             if aliases:
-                return WeightNames(primary_first(structural, aliases), root)
-        return WeightNames((structural,) if structural else (), root if isinstance(root, nn.Module) else None)
+                return WeightNames(primary_first(structural, aliases), root, in_submodule)
+        module = root if isinstance(root, nn.Module) else None
+        return WeightNames((structural,) if structural else (), module, in_submodule)
 
     def for_placeholder(self, node: fx.Node, tensor: Any) -> WeightNames:
         """The names of the parameter behind a dynamo placeholder (empty when unresolved)."""
@@ -189,7 +229,13 @@ class ParameterNames:
             root = _evaluate(chain[:first], *self._frame)
         if structural is None and not isinstance(root, nn.Module):
             log.warning("qcompile: cannot name the parameter behind %s (source %s)", node.name, source.name)
-        return self._with_aliases(structural, tensor, root)
+        prefix = ""
+        if isinstance(root, nn.Module) and structural is not None:
+            if id(root) not in self._enclosing:
+                self._enclosing[id(root)] = enclosing_model(root)
+            root, prefix = self._enclosing[id(root)]
+            structural = f"{prefix}.{structural}" if prefix else structural
+        return self._with_aliases(structural, tensor, root, in_submodule=bool(prefix))
 
     def for_attr(self, target: str, tensor: Any) -> WeightNames:
         """Names for a ``get_attr`` / ``call_module`` weight: the graph module is the model."""

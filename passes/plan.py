@@ -114,12 +114,13 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
     return plans
 
 
-def planned_linear_modules(root: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """``(module, weight name, weight)`` for every plain linear under ``root`` whose weight ``config`` quantizes.
+def linear_decisions(root: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Parameter, Scheme | None]]:
+    """``(module, weight name, weight, scheme or None)`` for every plain linear under ``root``.
 
     Decided as :func:`plan_sites` decides a site, from the module tree alone (names, ties, shape and
     dtype), so it covers linears that no graph has shown qcompile yet; whether the weight is trainable
-    is left to the caller, as it depends on the grad mode of each call.
+    is left to the caller, as it depends on the grad mode of each call. Weights on the meta device are
+    left out.
     """
     aliases = parameter_aliases(root)
     out = []
@@ -131,7 +132,7 @@ def planned_linear_modules(root: nn.Module, config: QuantConfig) -> list[tuple[n
         names = WeightNames(tuple(aliases.get(id(weight), [f"{module_name}.weight"])), root)
         scheme, _, _ = decide_weight(config, names.module_names, float_reader(names))
         shape = tuple(weight.shape[::-1]) if stored_in_out else tuple(weight.shape)
-        if scheme is None or len(shape) != 2 or scheme.unsupported_reason(shape, weight.dtype) is not None:
-            continue
-        out.append((module, names.names[0], weight))
+        if scheme is not None and (len(shape) != 2 or scheme.unsupported_reason(shape, weight.dtype) is not None):
+            scheme = None
+        out.append((module, names.names[0], weight, scheme))
     return out

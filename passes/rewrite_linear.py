@@ -53,29 +53,37 @@ def _input_cast_to(graph: fx.Graph, site: LinearSite, x_node: fx.Node) -> fx.Nod
     return cast
 
 
-def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str) -> list[SitePlan]:
-    """Replace every quantized site of ``plans`` with ``quantized_linear``; returns the sites rewritten."""
+def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str, config: str = "") -> list[SitePlan]:
+    """Replace every quantized site of ``plans`` with ``quantized_linear``; returns the sites rewritten.
+
+    ``config`` is the config's key (``qcompile.decisions.config_key``): each call then follows the decision
+    recorded for the weight it is given, when dynamo runs this graph on another module's weights. For
+    that reason a site the config keeps float in a submodule's frame is routed through the op too, with
+    an empty scheme (float unless the weight's own decision says otherwise); it is not returned."""
     graph = gm.graph
     rewritten = []
     # A site's input or bias can be an earlier site's node (chained linears: a LoRA's B(A(x))),
     # replaced by then: follow the replacements.
     replaced: dict[fx.Node, fx.Node] = {}
     for plan in plans:
-        if plan.scheme is None:
-            continue
         site = plan.site
+        float_by_config = plan.scheme is None and plan.decided_by != "site" and site.weight_names.in_submodule_frame
+        if plan.scheme is None and not (float_by_config and config and site.weight_node is not None):
+            continue
         bias = _bias_node(graph, site)
         with graph.inserting_before(site.node):
             x = _input_cast_to(graph, site, replaced.get(site.input, site.input))
-            args = (x, _weight_node(graph, site), replaced.get(bias, bias), scheme_key(plan.scheme),
-                    site.transposed, site.qualified_name, kernels)
+            scheme = "" if plan.scheme is None else scheme_key(plan.scheme)
+            args = (x, _weight_node(graph, site), replaced.get(bias, bias), scheme,
+                    site.transposed, site.qualified_name, kernels, config)
             new = graph.call_function(torch.ops.qcompile.quantized_linear.default, args=args)
         replaced[site.node] = new
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("example_value", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         graph.erase_node(site.node)
         _erase_dead_transposes(graph, site)
-        rewritten.append(plan)
+        if plan.scheme is not None:
+            rewritten.append(plan)
     graph.lint()
     gm.recompile()
     return rewritten

@@ -19,15 +19,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._dynamo.exc import ShortenTraceback
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
+from qcompile.decisions import config_key, record
 from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_quantized
 from qcompile.ops.dispatch import KERNELS
+from qcompile.ops.quantized_linear import scheme_key
 from qcompile.pack_cache import packed_weight
-from qcompile.passes.plan import TRAINABLE, SitePlan, planned_linear_modules
+from qcompile.passes.plan import TRAINABLE, SitePlan, linear_decisions
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites, linear_weight_of
 from qcompile.release import kept_reason, note_float_reads, release
@@ -137,7 +139,9 @@ def quantize_graph(
         if plan.site.parameter is not None and plan.site.parameter.device.type == "meta":
             raise ValueError(f"{plan.site.qualified_name}: weight is on the meta device (not loaded); load the "
                              "model's weights before compiling (e.g. load_state_dict(..., assign=True))")
-    rewritten = rewrite_linears(gm, plans, opts.kernels)
+    key = config_key(opts.config)
+    _record_decisions(key, plans, opts.config)
+    rewritten = rewrite_linears(gm, plans, opts.kernels, key)
     for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
         packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
     names = {id(s.parameter): s.qualified_name for s in sites if s.parameter is not None}
@@ -164,22 +168,40 @@ def quantize_graph(
     return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable
 
 
+def _roots(plans: Sequence[SitePlan]) -> list[nn.Module]:
+    roots: list[nn.Module] = []
+    for plan in plans:
+        root = plan.site.weight_names.root
+        if root is not None and all(root is not r for r in roots):
+            roots.append(root)
+    return roots
+
+
+def _record_decisions(key: str, plans: Sequence[SitePlan], config: QuantConfig) -> None:
+    """Record the config's decision for every linear weight of the models in this graph (``qcompile/decisions.py``).
+
+    The graph's own decisions are recorded last: they also cover linears that are not plain modules."""
+    for root in _roots(plans):
+        for _, _, weight, scheme in linear_decisions(root, config):
+            record(key, weight, None if scheme is None else scheme_key(scheme))
+    for plan in plans:
+        if plan.site.parameter is not None and plan.decided_by != "site":
+            record(key, plan.site.parameter, None if plan.scheme is None else scheme_key(plan.scheme))
+
+
 def _guard_modules(plans: list[SitePlan], config: QuantConfig, policy: FallbackPolicy) -> None:
     """Give a fallback guard (``qcompile/fallback.py``) to the linear modules of the quantized weights, and
     to every other linear of the model the config quantizes: one that dynamo runs as Python from the
     start never reaches qcompile, and would run in float unseen."""
-    roots = []
     for plan in plans:
         for _, module in plan.site.weight_names.owners():
             linear = linear_weight_of(module)
             if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
                 guard(module, plan.site.qualified_name, plan.site.parameter, policy)
-        root = plan.site.weight_names.root
-        if root is not None and all(root is not r for r in roots):
-            roots.append(root)
-    for root in roots:
-        for module, name, weight in planned_linear_modules(root, config):
-            guard(module, name, weight, policy)
+    for root in _roots(plans):
+        for module, name, weight, scheme in linear_decisions(root, config):
+            if scheme is not None:
+                guard(module, name, weight, policy)
 
 
 def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[], None]) -> Callable:

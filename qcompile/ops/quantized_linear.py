@@ -19,6 +19,7 @@ import json
 
 import torch
 
+from qcompile.decisions import UNDECIDED, decided
 from qcompile.formats import Scheme, scheme_from_dict
 from qcompile.ops.dispatch import check_kernels
 from qcompile.pack_cache import packed_weight
@@ -40,7 +41,22 @@ def _features(weight: torch.Tensor, transposed: bool) -> tuple[int, int]:
     return (in_features, out_features) if transposed else (out_features, in_features)
 
 
-SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, str scheme, bool transposed, str name, str kernels) -> Tensor"
+SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, str scheme, bool transposed, str name, str kernels, str config=\"\") "
+    "-> Tensor"
+)
+
+
+def own_scheme(weight: torch.Tensor, scheme: str, config: str) -> str | None:
+    """The scheme key to run ``weight`` with (None: float): the decision recorded for it under ``config``,
+    else ``scheme``, the graph's, where ``""`` is float (``qcompile/decisions.py`` says when the two differ)."""
+    own = decided(config, weight) if config else UNDECIDED
+    return (scheme or None) if own == UNDECIDED else own
+
+
+def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    w = (weight.t() if transposed else weight).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("qcompile::quantized_linear", mutates_args=(), schema=SCHEMA)
@@ -52,11 +68,16 @@ def quantized_linear(
     transposed: bool,
     name: str,
     kernels: str,
+    config: str = "",
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` the packed form of ``weight`` (``weight.T`` when ``transposed``)
-    under ``scheme`` (see :func:`scheme_key`); ``name`` is the parameter's name, for errors and logs.
-    The output has ``x``'s dtype."""
-    packed = packed_weight(weight, scheme_from_key(scheme), transposed, name)
+    under ``scheme`` (see :func:`scheme_key`; ``""``: float); ``name`` is the parameter's name, for errors
+    and logs. ``config`` (a :func:`qcompile.decisions.config_key`) makes the weight's own recorded decision win
+    over ``scheme``: float, or another scheme. The output has ``x``'s dtype."""
+    own = own_scheme(weight, scheme, config)
+    if own is None:
+        return _float_linear(x, weight, bias, transposed)
+    packed = packed_weight(weight, scheme_from_key(own), transposed, name)
     # Inside this op's own kernel: call the format op's Python body, not the op, which would cost a
     # second trip through the dispatcher (~20 us on CPU) for nothing (autograd is handled here).
     return _body(packed.scheme.op)(x, *packed.op_tensors().values(), bias, *packed.op_constants(), kernels)
@@ -72,35 +93,44 @@ def _body(op: torch._ops.OpOverload):
 
 
 @quantized_linear.register_fake
-def _(x, weight, bias, scheme, transposed, name, kernels):
+def _(x, weight, bias, scheme, transposed, name, kernels, config=""):
     check_kernels(kernels)
     out_features, in_features = _features(weight, transposed)
     torch._check(x.shape[-1] == in_features, lambda: f"{name}: x's last dimension does not match {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-GRAD_SCHEMA = "(Tensor grad, Tensor weight, str scheme, bool transposed, str name, ScalarType x_dtype) -> Tensor"
+GRAD_SCHEMA = (
+    "(Tensor grad, Tensor weight, str scheme, bool transposed, str name, ScalarType x_dtype, str config=\"\") "
+    "-> Tensor"
+)
 
 
 @torch.library.custom_op("qcompile::quantized_linear_grad_input", mutates_args=(), schema=GRAD_SCHEMA)
 def quantized_linear_grad_input(
-    grad: torch.Tensor, weight: torch.Tensor, scheme: str, transposed: bool, name: str, x_dtype: torch.dtype
+    grad: torch.Tensor, weight: torch.Tensor, scheme: str, transposed: bool, name: str, x_dtype: torch.dtype,
+    config: str = "",
 ) -> torch.Tensor:
     """The gradient of ``quantized_linear`` with respect to ``x``: ``grad @ W`` through the packed weight."""
-    packed = packed_weight(weight, scheme_from_key(scheme), transposed, name)
+    own = own_scheme(weight, scheme, config)
+    if own is None:
+        w = weight.t() if transposed else weight
+        return (grad.to(w.dtype) @ w).to(x_dtype)
+    packed = packed_weight(weight, scheme_from_key(own), transposed, name)
     return packed.grad_input(grad, x_dtype)
 
 
 @quantized_linear_grad_input.register_fake
-def _(grad, weight, scheme, transposed, name, x_dtype):
+def _(grad, weight, scheme, transposed, name, x_dtype, config=""):
     _, in_features = _features(weight, transposed)
     return grad.new_empty((*grad.shape[:-1], in_features), dtype=x_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, scheme, transposed, name, _kernels = inputs
+    x, weight, bias, scheme, transposed, name, _kernels, config = inputs
     ctx.save_for_backward(weight)
     ctx.args = (scheme, transposed, name)
+    ctx.config = config
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -110,10 +140,10 @@ def _backward(ctx, grad):
     (weight,) = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.qcompile.quantized_linear_grad_input(grad, weight, *ctx.args, ctx.x_dtype)
+        grad_x = torch.ops.qcompile.quantized_linear_grad_input(grad, weight, *ctx.args, ctx.x_dtype, ctx.config)
     if ctx.needs_input_grad[2]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, grad_bias, None, None, None, None
+    return grad_x, None, grad_bias, None, None, None, None, None
 
 
 quantized_linear.register_autograd(_backward, setup_context=_setup_context)
