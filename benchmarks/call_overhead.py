@@ -10,7 +10,10 @@ microseconds, so the difference between the rows is the per-call cost of the des
 
 * ``format_op``: ``torch.ops.qcompile.linear_4bit`` with the packed tensors (the old call);
 * ``quantized_linear``: the op the rewrite emits now (lookup + stamp check + the format's op);
-* ``lookup``: ``pack_cache.packed_weight`` alone (weak-dictionary lookup + stamp comparison).
+* ``quantized_linear_with_decision``: the same with a config key, as the rewrite emits it: the weight's
+  own recorded decision is looked up first (``qcompile/decisions.py``);
+* ``lookup``: ``pack_cache.packed_weight`` alone (weak-dictionary lookup + stamp comparison);
+* ``decision_lookup``: ``quantized_linear.own_scheme`` alone.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def _per_call_us(fn, reps: int) -> float:
 def measure(reps: int) -> dict[str, float]:
     import qcompile.ops  # noqa: F401  (registers the ops)
     from qcompile import NF4
-    from qcompile.ops.quantized_linear import scheme_key
+    from qcompile.config import QuantConfig
+    from qcompile.decisions import config_key, record
+    from qcompile.ops.quantized_linear import own_scheme, scheme_key
     from qcompile.pack_cache import packed_weight
 
     torch.manual_seed(0)
@@ -50,6 +55,8 @@ def measure(reps: int) -> dict[str, float]:
     x = torch.randn(1, 64)
     packed = packed_weight(weight, scheme, False, "weight")
     key = scheme_key(scheme)
+    config = config_key(QuantConfig(default=scheme))
+    record(config, weight, key)
     format_op = scheme.op
     tensors, constants = list(packed.op_tensors().values()), packed.op_constants()
     quantized_linear = torch.ops.qcompile.quantized_linear.default
@@ -58,7 +65,10 @@ def measure(reps: int) -> dict[str, float]:
             "format_op": _per_call_us(lambda: format_op(x, *tensors, bias, *constants, "reference"), reps),
             "quantized_linear": _per_call_us(
                 lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference"), reps),
+            "quantized_linear_with_decision": _per_call_us(
+                lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference", config), reps),
             "lookup": _per_call_us(lambda: packed_weight(weight, scheme, False, "weight"), reps),
+            "decision_lookup": _per_call_us(lambda: own_scheme(weight, key, config), reps),
         }
     rows["added_per_call"] = rows["quantized_linear"] - rows["format_op"]
     return rows
