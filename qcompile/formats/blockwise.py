@@ -210,6 +210,65 @@ def float_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, neste
     return dequantize_absmax(absmax, nested_absmax, nested_code, nested_offset)
 
 
+def absmax_of_blocks(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                     nested_offset: float, index: torch.Tensor) -> torch.Tensor:
+    """float32 absmax of the blocks ``index`` (int64, any shape): ``float_absmax(...)[index]``, bit for bit.
+
+    Decodes only the requested blocks, so reading a band of a weight costs in proportion to the band.
+    """
+    if nested_absmax is None:
+        return absmax[index].float()
+    if nested_code is None:
+        raise ValueError("nested_code: required when nested_absmax is given")
+    # The same two float32 roundings per element as dequantize_absmax (multiply, then add the offset).
+    values = nested_code[absmax[index].long()] * nested_absmax[index // NESTED_BLOCKSIZE]
+    return values + torch.tensor(nested_offset, dtype=torch.float32, device=values.device)
+
+
+def dequantize_4bit_span(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int,
+                         start: int, stop: int, dtype: torch.dtype, nested_absmax: torch.Tensor | None = None,
+                         nested_code: torch.Tensor | None = None, nested_offset: float = 0.0,
+                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Elements ``[start, stop)`` of the flattened 4-bit weight of ``numel`` elements, in ``dtype``.
+
+    Equal, bit for bit, to ``dequantize_4bit(...).view(-1)[start:stop]``, but decodes only the blocks the
+    span overlaps: a span need not start or end on a block boundary (a band of rows of a weight whose
+    in_features is not a multiple of ``blocksize`` straddles blocks), so the first and last blocks are
+    decoded whole and trimmed. The result is a view of a buffer at most two blocks longer than the span.
+    """
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"span [{start}, {stop}) is not within the weight's {numel} elements")
+    device = packed.device
+    if start == stop:
+        return torch.empty(0, dtype=dtype, device=device)
+    flat = packed.reshape(-1)
+    full = numel // blocksize  # whole blocks; a partial last block follows when numel % blocksize
+    b0, b1 = start // blocksize, -(-stop // blocksize)  # the blocks the span overlaps
+    scales = absmax_of_blocks(absmax, nested_absmax, nested_code, nested_offset,
+                              torch.arange(b0, b1, device=device))
+    table = byte_pair_table(code)
+    half = blocksize // 2  # blocksize is even: every whole block starts on a byte boundary
+    whole_end = min(b1, full)
+    n_whole = max(0, whole_end - b0) * blocksize
+    tail = numel - full * blocksize if b1 > full else 0
+    buf = torch.empty(n_whole + tail, dtype=dtype, device=device)
+    chunk_blocks = max(1, chunk_elements // blocksize)
+    if whole_end > b0:
+        workspace = decode_workspace(min(whole_end - b0, chunk_blocks) * half, dtype, device)
+        for c0 in range(b0, whole_end, chunk_blocks):
+            c1 = min(c0 + chunk_blocks, whole_end)
+            decode_blocks(flat[c0 * half:c1 * half], scales[c0 - b0:c1 - b0], table,
+                          buf[(c0 - b0) * blocksize:(c1 - b0) * blocksize], workspace)
+    if tail:
+        # The partial last block, as dequantize_4bit decodes it: float32 (its last byte may carry a pad
+        # code), then one rounding into ``dtype``.
+        values = torch.empty(2 * (flat.numel() - full * half), dtype=torch.float32, device=device)
+        decode_blocks(flat[full * half:], scales[full - b0:], table, values)
+        buf[n_whole:] = values[:tail]
+    offset = b0 * blocksize
+    return buf[start - offset:stop - offset]
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                     shape: tuple[int, ...], dtype: torch.dtype,
                     nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,

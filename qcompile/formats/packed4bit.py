@@ -80,6 +80,45 @@ class Packed4bit(PackedWeight):
             self.nested_absmax, self.nested_code, self.nested_offset,
         )
 
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` as ``dequantize(dtype)[start:stop]``, bit for bit; decodes only their blocks
+        (plus the two blocks a band shares with its neighbours when in_features is not a multiple of blocksize)."""
+        self._check_band(start, stop, axis=0)
+        n, k = self.shape
+        flat = blockwise.dequantize_4bit_span(
+            self.packed, self.absmax, self.code, self.scheme.blocksize, n * k, start * k, stop * k,
+            dtype or self.dtype, self.nested_absmax, self.nested_code, self.nested_offset,
+        )
+        return flat.view(stop - start, k)
+
+    def column_band_step(self) -> int | None:
+        """The blocksize when every row holds whole blocks (in_features a multiple of it), else None:
+        a column band is then a set of whole blocks per row; otherwise blocks straddle rows."""
+        blocksize = self.scheme.blocksize
+        return blocksize if self.shape[1] % blocksize == 0 else None
+
+    def dequantize_cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Columns ``[start, stop)`` as ``dequantize(dtype)[:, start:stop]``, bit for bit; they must start and
+        stop on multiples of the blocksize, in a weight whose in_features is one (:meth:`column_band_step`)."""
+        step = self.column_band_step()
+        if step is None:
+            raise ValueError(f"in_features {self.shape[1]} is not a multiple of blocksize {self.scheme.blocksize}: "
+                             "blocks straddle rows, read the weight by rows (dequantize_rows)")
+        self._check_band(start, stop, axis=1, step=step)
+        n, k = self.shape
+        out = torch.empty((n, stop - start), dtype=dtype or self.dtype, device=self.packed.device)
+        if start == stop:
+            return out
+        blocks_per_row = k // step
+        first, last = start // step, stop // step
+        device = self.packed.device
+        index = (torch.arange(n, device=device)[:, None] * blocks_per_row
+                 + torch.arange(first, last, device=device)[None, :]).reshape(-1)
+        scales = blockwise.absmax_of_blocks(self.absmax, self.nested_absmax, self.nested_code, self.nested_offset,
+                                            index)
+        band = self.packed.view(n, k // 2)[:, start // 2:stop // 2]
+        return blockwise.decode_blocks(band, scales, blockwise.byte_pair_table(self.code), out)
+
     # ---- bitsandbytes ------------------------------------------------------
     def _quant_state_json(self) -> dict[str, Any]:
         # Same keys, order and values as QuantState.as_dict()'s non-tensor part.

@@ -107,6 +107,20 @@ class PackedInt8(PackedWeight):
         """``weight * SCB / 127`` as bitsandbytes' ``int8_vectorwise_dequant`` computes it, cast to ``dtype``."""
         return (self.weight * self.weight_scale.view(-1, 1) * INV_127).to(dtype or self.dtype)
 
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[start:stop]``, bit for bit (the arithmetic is per element)."""
+        self._check_band(start, stop, axis=0)
+        rows = self.weight[start:stop] * self.weight_scale[start:stop].view(-1, 1) * INV_127
+        return rows.to(dtype or self.dtype)
+
+    def column_band_step(self) -> int | None:
+        return 1
+
+    def dequantize_cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[:, start:stop]``, bit for bit."""
+        self._check_band(start, stop, axis=1)
+        return (self.weight[:, start:stop] * self.weight_scale.view(-1, 1) * INV_127).to(dtype or self.dtype)
+
     def to_bitsandbytes(self) -> dict[str, torch.Tensor]:
         """What ``bitsandbytes.nn.Linear8bitLt`` writes: ``weight`` (int8), ``SCB`` and ``weight_format`` (0 = row).
 
@@ -171,6 +185,20 @@ class PackedInt8PerChannel(PackedWeight):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype or self.dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[start:stop]``, bit for bit (the arithmetic is per element)."""
+        self._check_band(start, stop, axis=0)
+        rows = self.weight[start:stop].float() * self.weight_scale[start:stop, None]
+        return rows.to(dtype or self.dtype)
+
+    def column_band_step(self) -> int | None:
+        return 1
+
+    def dequantize_cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[:, start:stop]``, bit for bit."""
+        self._check_band(start, stop, axis=1)
+        return (self.weight[:, start:stop].float() * self.weight_scale[:, None]).to(dtype or self.dtype)
 
     def to_bitsandbytes(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError(

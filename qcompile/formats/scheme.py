@@ -20,6 +20,18 @@ from qcompile.dtypes import dtype_name, parse_dtype
 
 _SCHEMES: dict[str, type[Scheme]] = {}
 
+# The input gradient ``grad @ W`` (:meth:`PackedWeight.grad_input`) reads W one band at a time, so a
+# backward never holds the whole floating-point weight (bitsandbytes' 4-bit backward dequantizes all
+# of it: 448 MiB in bf16 for a 70B model's 28672x8192 MLP weight, per call). A band holds about
+# GRAD_BAND_ELEMENTS elements (2 MiB in bf16, 4 MiB in fp32: the size of the decode's cache-friendly
+# chunk, blockwise.CHUNK_ELEMENTS), but at least MIN_GRAD_BAND columns (or rows), since the matmul of
+# a narrower band runs below the GEMM's speed; so a band holds at most
+# max(GRAD_BAND_ELEMENTS, MIN_GRAD_BAND * out_features) elements (7 MiB in bf16 for out_features 28672).
+# Measured on a 2-core AVX-512 CPU (NF4 + double quant, bf16, 4096x4096 / 11008x4096 / 4096x11008,
+# M = 16, 512, 2048 rows of grad): column bands take 0.7-1.05x the time of the whole-weight version.
+GRAD_BAND_ELEMENTS = 1 << 20
+MIN_GRAD_BAND = 128
+
 
 def register_scheme(cls: type[Scheme]) -> type[Scheme]:
     """Class decorator: make ``cls`` loadable from configs under ``cls.kind``."""
@@ -203,11 +215,75 @@ class PackedWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def grad_input(self, grad: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (output features) of the weight, ``[stop - start, in_features]``:
+        equal, bit for bit, to ``dequantize(dtype)[start:stop]``, without decoding the other rows."""
+        raise NotImplementedError
+
+    def column_band_step(self) -> int | None:
+        """Column bands (:meth:`dequantize_cols`) must start and stop on multiples of this (or at
+        in_features); None when this weight cannot be read by columns without decoding whole rows."""
+        return None
+
+    def dequantize_cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Columns ``[start, stop)`` (input features) of the weight, ``[out_features, stop - start]``:
+        equal, bit for bit, to ``dequantize(dtype)[:, start:stop]``. Only where :meth:`column_band_step`
+        is not None, with ``start`` and ``stop`` on its multiples."""
+        raise NotImplementedError
+
+    def _check_band(self, start: int, stop: int, axis: int, step: int = 1) -> None:
+        size = self.shape[axis]
+        what = "rows" if axis == 0 else "columns"
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= size):
+            raise ValueError(f"{what} [{start}, {stop}) are not within the weight's {size} {what}")
+        if start % step or (stop % step and stop != size):
+            raise ValueError(f"{what} [{start}, {stop}) do not start and stop on multiples of {step}")
+
+    def grad_input(self, grad: torch.Tensor, x_dtype: torch.dtype,
+                   band_elements: int = GRAD_BAND_ELEMENTS) -> torch.Tensor:
         """``grad @ W`` for the gradient of ``x``: in the scheme's compute dtype if it has one
-        (as bitsandbytes' 4-bit backward), else in ``x_dtype``; returned in ``x_dtype``."""
+        (as bitsandbytes' 4-bit backward), else in ``x_dtype``; returned in ``x_dtype``.
+
+        W is read a band at a time (about ``band_elements`` elements, at least MIN_GRAD_BAND columns
+        or rows), never whole. Bands of columns when the format can read them (every weight whose
+        in_features is a multiple of the 4-bit blocksize, every int8 weight): each band of the result
+        is one matmul over all of ``grad``, the same products and sums as one whole-weight matmul, so
+        the result equals it up to the matmul's own summation order. Otherwise bands of rows, whose
+        partial products (each in the compute dtype, as the one matmul would be) are summed in float32.
+        Columns first because row bands split the matmul's reduction: every band reads and writes a
+        float32 accumulator the size of the result (plus a partial product), which on a 2-core CPU
+        (4096x4000 NF4, bf16, M = 512 / 2048) made the gradient 1.5-1.7x slower than one matmul; on a
+        GPU that traffic would dominate. Column bands write each element of the result once.
+        """
         dtype = getattr(self.scheme, "compute_dtype", None) or x_dtype
-        return (grad.to(dtype) @ self.dequantize(dtype)).to(x_dtype)
+        n, k = self.shape
+        out_shape = (*grad.shape[:-1], k)
+        g = grad.reshape(-1, n).to(dtype)
+        if g.shape[0] == 0:
+            return grad.new_zeros(out_shape, dtype=x_dtype)
+        step = self.column_band_step()
+        if step is not None:
+            cols = max(step, max(MIN_GRAD_BAND, band_elements // n) // step * step)
+            if cols >= k:  # one band: the whole weight is no larger than a band
+                return (g @ self.dequantize(dtype)).to(x_dtype).view(out_shape)
+            out = torch.empty((g.shape[0], k), dtype=dtype, device=g.device)
+            for start in range(0, k, cols):
+                stop = min(start + cols, k)
+                out[:, start:stop] = g @ self.dequantize_cols(start, stop, dtype)
+            return out.to(x_dtype).view(out_shape)
+        rows = max(MIN_GRAD_BAND, band_elements // k)
+        if rows >= n:
+            return (g @ self.dequantize(dtype)).to(x_dtype).view(out_shape)
+        acc = torch.zeros((g.shape[0], k), dtype=torch.float32, device=g.device)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            band = self.dequantize_rows(start, stop, dtype)
+            if dtype == torch.float32:
+                acc.addmm_(g[:, start:stop], band)
+            else:
+                acc += g[:, start:stop] @ band
+        # Rounded to the compute dtype first, as the one whole-weight matmul's result would be.
+        return acc.to(dtype).to(x_dtype).view(out_shape)
 
     @property
     def nbytes(self) -> int:
