@@ -60,13 +60,14 @@ def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str,
     recorded for the weight it is given, when dynamo runs this graph on another module's weights. For
     that reason a site the config keeps float in a submodule's frame is routed through the op too, with
     an empty scheme (float unless the weight's own decision says otherwise); it is not returned."""
-    graph = gm.graph
     rewritten = []
+    touched: dict[int, fx.GraphModule] = {}
     # A site's input or bias can be an earlier site's node (chained linears: a LoRA's B(A(x))),
     # replaced by then: follow the replacements.
     replaced: dict[fx.Node, fx.Node] = {}
     for plan in plans:
         site = plan.site
+        graph = site.node.graph  # the body of a higher-order op (activation checkpoint) or gm's graph
         float_by_config = plan.scheme is None and plan.decided_by != "site" and site.weight_names.in_submodule_frame
         if plan.scheme is None and not (float_by_config and config and site.weight_node is not None):
             continue
@@ -84,8 +85,11 @@ def rewrite_linears(gm: fx.GraphModule, plans: Sequence[SitePlan], kernels: str,
         _erase_dead_transposes(graph, site)
         if plan.scheme is not None:
             rewritten.append(plan)
-    graph.lint()
-    gm.recompile()
+        owner = graph.owning_module or gm
+        touched[id(owner)] = owner
+    for owner in touched.values():
+        owner.graph.lint()
+        owner.recompile()
     return rewritten
 
 

@@ -16,6 +16,7 @@ inputs dynamo hands the backend) and every name the parameter has under the mode
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompile.passes.names import ParameterNames, WeightNames
+
+log = logging.getLogger("qcompile")
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm)
@@ -87,9 +90,16 @@ class _SiteFinder:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.real = {node: value for node, value in zip(placeholders, example_inputs, strict=False)}
         self.names = ParameterNames(gm)
+        # A placeholder of a higher-order op's body -> the operand the op passes it (see body_calls).
+        self.outer: dict[fx.Node, object] = {}
 
     def weight_info(self, node: fx.Node) -> tuple[torch.Tensor | None, bool, WeightNames]:
         """(real tensor, is a parameter, its names) for a weight operand."""
+        while node in self.outer:  # a body's placeholder: what the graph around it passed
+            outer = self.outer[node]
+            if not isinstance(outer, fx.Node):
+                return None, False, WeightNames()
+            node = outer
         if node.op == "placeholder":
             tensor = self.real.get(node)
             if not isinstance(tensor, torch.Tensor):
@@ -236,9 +246,61 @@ def find_linear_sites(gm: fx.GraphModule, example_inputs: Sequence[object] = ())
     they give the parameter behind each weight placeholder.
     """
     finder = _SiteFinder(gm, example_inputs)
-    sites = []
-    for node in gm.graph.nodes:
-        site = finder.site(node)
-        if site is not None:
-            sites.append(site)
+    sites: list[LinearSite] = []
+    visited: set[int] = set()
+
+    def visit(module: fx.GraphModule) -> None:
+        for node in module.graph.nodes:
+            body = body_call(module, node)
+            if body is not None:
+                if id(body) not in visited:  # a body two calls share: its ops resolve weights per call
+                    visited.add(id(body))
+                    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+                    finder.outer.update(zip(placeholders, node.args[1:], strict=False))
+                    visit(body)
+                continue
+            site = finder.site(node)
+            if site is not None:
+                sites.append(site)
+            elif node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+                _warn_unvisited(module, node)
+
+    visit(gm)
     return sites
+
+
+# Higher-order ops whose body is ``args[0]`` (a ``get_attr`` of a GraphModule) called on ``args[1:]`` in
+# order: activation checkpointing (``torch.utils.checkpoint`` under dynamo, gradient checkpointing in
+# transformers) and plain ``wrap``. Their linears are found and rewritten inside the body.
+def _body_first_hops() -> tuple[object, ...]:
+    hops = torch.ops.higher_order
+    return tuple(getattr(hops, name) for name in ("tag_activation_checkpoint", "wrap") if hasattr(hops, name))
+
+
+def body_call(module: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
+    """The body GraphModule ``node`` calls when it is a higher-order op qcompile looks inside, else None."""
+    if node.op != "call_function" or node.target not in _body_first_hops() or not node.args:
+        return None
+    body_node = node.args[0]
+    if not isinstance(body_node, fx.Node) or body_node.op != "get_attr":
+        return None
+    return _submodule(module, str(body_node.target))
+
+
+def _submodule(module: fx.GraphModule, target: str) -> fx.GraphModule | None:
+    try:
+        body = module.get_submodule(target)
+    except AttributeError:
+        return None
+    return body if isinstance(body, fx.GraphModule) else None
+
+
+def _warn_unvisited(module: fx.GraphModule, node: fx.Node) -> None:
+    """Warn when another higher-order op's body holds linear ops: qcompile does not rewrite them."""
+    bodies = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    for body_node in bodies:
+        body = _submodule(module, str(body_node.target))
+        if body is not None and any(n.target in LINEAR_TARGETS for n in body.graph.nodes):
+            log.warning("qcompile: linear ops inside %s (%s) are not quantized: qcompile does not look inside "
+                        "this higher-order op; they run as the graph computes them", node.target, node.name)
+            return

@@ -152,13 +152,18 @@ def guard(module: nn.Module, name: str, weight: torch.Tensor, policy: FallbackPo
 
 def strip_expect_quantized(gm: fx.GraphModule) -> int:
     """Remove the ``expect_quantized`` nodes the guards put into a graph qcompile compiles; returns how many."""
+    from qcompile.passes.sites import body_call
+
     target = torch.ops.qcompile.expect_quantized.default
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
     for node in nodes:
         gm.graph.erase_node(node)
     if nodes:
         gm.recompile()
-    return len(nodes)
+    # Inside the bodies whose linears qcompile rewrites (activation checkpoints); markers in other
+    # higher-order ops' bodies stay, and report: qcompile does not quantize there.
+    bodies = [body for node in gm.graph.nodes if (body := body_call(gm, node)) is not None]
+    return len(nodes) + sum(strip_expect_quantized(body) for body in bodies)
 
 
 def foreign_graph_ran(name: str, on_fallback: str) -> None:
