@@ -129,7 +129,9 @@ class QuantConfig:
         """
         if not module_names:
             raise ValueError("module_names: expected at least one module name")
-        decisions = [(*self._decide(name), name) for name in module_names]
+        names = list(module_names)
+        names += [alias for name in module_names for alias in _peft_aliases(name) if alias not in names]
+        decisions = [(*self._decide(name), name) for name in names]
         skipped = [d for d in decisions if d[1] is None]
         index, scheme, decided_by, name = min(skipped or decisions, key=lambda d: d[0])
         if len(module_names) > 1 and name != module_names[0]:
@@ -318,3 +320,16 @@ def _from_bitsandbytes(raw: Any, key: str) -> QuantConfig:
     # transformers skips a module when any skip name is a substring of its qualified name.
     rules = tuple(Rule(f"*{name}*", None) for name in skip)
     return QuantConfig(default=scheme, rules=rules)
+
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_BASE_LAYER = ".base_layer"
+
+
+def _peft_aliases(name: str) -> list[str]:
+    """The name a module has in the model peft wraps: rules written for the model (``lm_head``,
+    ``model.layers.0.self_attn.q_proj``) then match under ``get_peft_model`` too, where the head is
+    ``base_model.model.lm_head`` and a LoRA layer's frozen linear is ``...q_proj.base_layer``."""
+    stripped = name.removeprefix(_PEFT_PREFIX) if name.startswith(_PEFT_PREFIX) else name
+    stripped = stripped.removesuffix(_PEFT_BASE_LAYER)
+    return [stripped] if stripped != name else []

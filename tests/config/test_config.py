@@ -78,3 +78,13 @@ def test_load_accepts_path_dict_and_config():
     assert load(SEED_JSON) == config
     assert load(json.loads(SEED_JSON.read_text())) == config
     assert load(config) is config
+
+
+def test_rules_for_the_model_match_under_peft_names():
+    """get_peft_model puts the model under base_model.model. and a LoRA layer's linear at .base_layer."""
+    from qcompile import FP4, NF4, QuantConfig, Rule
+
+    config = QuantConfig(default=NF4(), rules=(Rule("lm_head", None), Rule("model.layers.0.self_attn.q_proj", FP4())))
+    assert config.scheme_for_names(["base_model.model.lm_head"])[0] is None  # the lm_head skip
+    assert config.scheme_for_names(["base_model.model.model.layers.0.self_attn.q_proj.base_layer"])[0] == FP4()
+    assert config.scheme_for_names(["base_model.model.model.layers.1.self_attn.q_proj.base_layer"])[0] == NF4()
