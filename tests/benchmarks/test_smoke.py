@@ -152,3 +152,21 @@ def test_generate_smoke_counts_graphs_and_decode_speed(tmp_path):
         assert qc["equal_to_reference"] == qc["calls"] == 2
     assert {r["variant"] for r in doc["decode"]} == {"qcompile_eager", "eager"}
     assert all(r["decode_tokens_per_s"] > 0 for r in doc["decode"])
+
+
+def test_qlora_smoke_compares_with_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from benchmarks import qlora
+
+    out = tmp_path / "qlora.json"
+    assert qlora.main(["--smoke", "--out", str(out), "--inner", "eager", "--gc", "non_reentrant"]) == 0
+    doc = json.loads(out.read_text())
+    comparison = doc["comparisons"]["non_reentrant"]
+    assert comparison["ok"], comparison["why"]
+    assert len(comparison["loss_rel_diff_per_step"]) == 2
+    runs = {run["side"]: run for run in doc["runs"]}
+    assert runs["bnb"]["packed_bytes_identical_to_qcompile"]
+    assert runs["qcompile"]["plan"]["all_base_quantized"]  # checkpointed layers are quantized too
+    for key in ("torch", "bitsandbytes"):
+        assert key in doc["machine"]
