@@ -152,6 +152,7 @@ def guard(module: nn.Module, name: str, weight: torch.Tensor, policy: FallbackPo
 
 def strip_expect_quantized(gm: fx.GraphModule) -> int:
     """Remove the ``expect_quantized`` nodes the guards put into a graph qcompile compiles; returns how many."""
+    import qcompile.ops  # noqa: F401  (registers the op: explain() may run before anything imported it)
     from qcompile.passes.sites import body_call
 
     target = torch.ops.qcompile.expect_quantized.default
