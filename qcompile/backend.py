@@ -153,7 +153,9 @@ def quantize_graph(
                     "freeze them (requires_grad_(False)) or skip them in the config", len(trainable), trainable[0])
     frozen_out = [p.site.qualified_name for p in plans if p.skip_reason == TRAINABLE]
     if frozen_out:
-        log.warning("qcompile: %d weights stay float because they require grad while grad is enabled (e.g. %s); "
+        # Next to frozen weights that were quantized, trainable ones are adapters (QLoRA): float by design.
+        level = logging.INFO if rewritten else logging.WARNING
+        log.log(level, "qcompile: %d weights stay float because they require grad while grad is enabled (e.g. %s); "
                     "run under torch.no_grad() / inference_mode, freeze them with requires_grad_(False), "
                     "or pass quantize_trainable=True", len(frozen_out), frozen_out[0])
     release_notes: dict[int, str] = {}
