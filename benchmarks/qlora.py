@@ -206,7 +206,7 @@ def run_timing(gc: str, steps: int, rank: int, smoke: bool, batch: int, seq: int
     for side in ("bnb", "qcompile"):
         model, _ = prepare(side, gc, rank, smoke)
         runner = model if side == "bnb" else torch.compile(
-            model, backend="qcompile", options={"config": _config(), "inner": inner})
+            model, backend="qcompile", options={"config": _config(), "inner": inner, "release_weights": True})
         steppers[side] = _trainer(model, runner, lr)
     data = batches(SMOKE_MODEL["vocab_size"] if smoke else MODEL["vocab_size"], steps + 2, batch, seq)
     times: dict[str, list[float]] = {side: [] for side in steppers}
@@ -237,7 +237,8 @@ def run_worker(side: str, gc: str, steps: int, rank: int, smoke: bool, batch: in
     initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     if side == "qcompile":
         runner = torch.compile(model, backend="qcompile",
-                               options={"config": _config(), "on_plan": plans.append, "inner": inner})
+                               options={"config": _config(), "on_plan": plans.append, "inner": inner,
+                                        "release_weights": True})
     else:
         runner = model
     logits: list[torch.Tensor] = []
@@ -385,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"steps": args.steps, "rank": args.rank, "lora_alpha": 2 * args.rank, "batch": args.batch,
                      "seq": args.seq, "lr": args.lr, "optimizer": "AdamW (weight_decay 0)", "targets": list(TARGETS),
                      "quantization": "nf4, double quant, blocksize 64, compute bfloat16; lm_head float",
-                     "qcompile_inner": args.inner, "smoke": args.smoke, "parity_limit": PARITY_LIMIT},
+                     "qcompile_inner": args.inner, "qcompile_release_weights": True,
+                     "smoke": args.smoke, "parity_limit": PARITY_LIMIT},
         "method": {"memory": "peak RSS (VmHWM) of a fresh process per configuration; reset after the first step",
                    "time": "first step alone (compile / warm-up); steps/s = 1 / median step time in a process "
                            "alternating the two sides' steps (2 warm-up steps each)",

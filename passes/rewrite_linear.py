@@ -17,7 +17,7 @@ from torch import fx
 
 from qcompile.ops.quantized_linear import scheme_key
 from qcompile.passes.plan import SitePlan
-from qcompile.passes.sites import LinearSite
+from qcompile.passes.sites import LinearSite, body_call
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,7 +103,20 @@ def _erase_dead_transposes(graph: fx.Graph, site: LinearSite) -> None:
 
 
 def reads_outside_quantized_linears(node: fx.Node | None) -> bool:
-    """True when something other than a ``quantized_linear`` reads the weight node (a tied embedding, say)."""
+    """True when something other than a ``quantized_linear`` reads the weight node (a tied embedding, say).
+
+    Passing the weight into an activation-checkpoint body is not a read: the body's uses count."""
     if node is None:
         return True
-    return any(user.target is not torch.ops.qcompile.quantized_linear.default for user in node.users)
+    for user in node.users:
+        if user.target is torch.ops.qcompile.quantized_linear.default:
+            continue
+        owner = node.graph.owning_module
+        body = body_call(owner, user) if owner is not None else None
+        if body is None:
+            return True
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for index, arg in enumerate(user.args[1:]):
+            if arg is node and (index >= len(placeholders) or reads_outside_quantized_linears(placeholders[index])):
+                return True
+    return False

@@ -206,8 +206,29 @@ def _guard_modules(plans: list[SitePlan], config: QuantConfig, policy: FallbackP
                 guard(module, name, weight, policy)
 
 
-def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[], None]) -> Callable:
-    """Wrap ``compiled`` so that ``first_call()`` runs once, right after its first call.
+def _after_backward(out: Any, fn: Callable[[], None]) -> None:
+    """Run ``fn`` now, or, when ``out`` holds tensors autograd may still differentiate, at the end of the
+    first backward pass through them: a compiled backward checks the sizes and strides of the tensors its
+    forward saved (the weights among them), so they must not be released while it is pending. If no
+    backward ever runs, ``fn`` never does (the weights stay)."""
+    tensors = [t for t in (out if isinstance(out, (list, tuple)) else [out])
+               if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    if not tensors:
+        fn()
+        return
+    queued = []
+
+    def queue(_grad_outputs: Any) -> None:
+        if not queued:
+            queued.append(True)
+            torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+    for tensor in tensors:
+        tensor.grad_fn.register_prehook(queue)
+
+
+def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[Any], None]) -> Callable:
+    """Wrap ``compiled`` so that ``first_call(outputs)`` runs once, right after its first call.
 
     Why not at compile time: the fallback guards are module hooks, and dynamo may still be tracing the
     frame when it calls the backend (a graph break compiles the graph before it, then tracing goes on
@@ -222,7 +243,7 @@ def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[], Non
     def call(*args: Any, **kwargs: Any) -> Any:
         out = compiled(*args, **kwargs)
         while pending:
-            pending.pop()()
+            pending.pop()(out)
         return out
 
     # Inductor's compiled functions take one list argument; the flag tells dynamo so.
@@ -245,10 +266,14 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
         return compiled
     policy = FallbackPolicy(opts.on_fallback, opts.quantize_trainable)
 
-    def first_call() -> None:
-        _guard_modules(rewritten, opts.config, policy)
+    def release_all() -> None:
         for plan in releasable:
             release(plan, policy)
+
+    def first_call(out: Any) -> None:
+        _guard_modules(rewritten, opts.config, policy)
+        if releasable:
+            _after_backward(out, release_all)
 
     return _after_first_call(compiled, first_call)
 

@@ -60,7 +60,7 @@ def _lora_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _run(gc: str):
+def _run(gc: str, release: bool = False):
     from benchmarks.qlora import _config, batches
     from qcompile import QuantConfig, Rule
     from qcompile.reference import dequantized_model
@@ -74,14 +74,15 @@ def _run(gc: str):
         float_first = ours(input_ids=ids).logits
     plans = []
     compiled = torch.compile(ours, backend="qcompile",
-                             options={"config": _config(), "inner": "eager", "on_plan": plans.append})
+                             options={"config": _config(), "inner": "eager", "on_plan": plans.append,
+                                      "release_weights": release})
     losses, first = _train(ours, compiled, data)
     bnb_losses, _ = _train(theirs, theirs, data)
-    return plans, losses, bnb_losses, first, expected_first, float_first, _lora_state(ours), _lora_state(theirs)
+    return plans, losses, bnb_losses, first, expected_first, float_first, _lora_state(ours), _lora_state(theirs), ours
 
 
-def _check(gc: str):
-    plans, losses, bnb_losses, first, expected_first, float_first, lora, bnb_lora = _run(gc)
+def _check(gc: str, release: bool = False):
+    plans, losses, bnb_losses, first, expected_first, float_first, lora, bnb_lora, model = _run(gc, release)
     rows = [r for p in plans for r in p.rows]
     base = {r.module for r in rows if r.quantized}
     assert len(base) == LAYERS * 7, f"{len(base)} of {LAYERS * 7} base linears quantized: {sorted(base)}"
@@ -96,6 +97,7 @@ def _check(gc: str):
     assert len(moved) == LAYERS * 7
     for name in lora:  # the adapters' updates (through grad_input of every base layer) match bitsandbytes'
         torch.testing.assert_close(lora[name], bnb_lora[name], rtol=1e-2, atol=1e-4)
+    return model
 
 
 def test_qlora_matches_bitsandbytes_and_peft():
@@ -104,3 +106,13 @@ def test_qlora_matches_bitsandbytes_and_peft():
 
 def test_qlora_with_gradient_checkpointing_matches_bitsandbytes_and_peft():
     _check("non_reentrant")
+
+
+def test_qlora_with_released_base_weights_matches_bitsandbytes_and_peft():
+    """release_weights=True in training: the float base weights go after the first backward (a compiled
+    backward checks the tensors its forward saved), so memory is the packed model's, as bitsandbytes'."""
+    from qcompile.pack_cache import is_released
+
+    model = _check("non_reentrant", release=True)
+    base = [m.weight for name, m in model.named_modules() if name.endswith(".base_layer")]
+    assert len(base) == LAYERS * 7 and all(is_released(w) for w in base)
