@@ -266,7 +266,9 @@ def run_worker(side: str, gc: str, steps: int, rank: int, smoke: bool, batch: in
         out["compile_or_warmup_s"] = out["first_step_s"] - out["median_step_s_alone"]
     if side == "qcompile":
         out["plan"] = _plan_summary(plans, layers)
-        reference, float_model = _first_step_references(model, initial, data[0])
+        # A fresh copy of the model (same seed): the trained one's float base weights were released.
+        fresh, _ = prepare(side, "off", rank, smoke)
+        reference, float_model = _first_step_references(fresh, initial, data[0])
         out["step0_logits_max_abs_diff_vs_quantized_reference"] = (first_logits - reference).abs().max().item()
         out["step0_logits_max_abs_diff_vs_float_model"] = (first_logits - float_model).abs().max().item()
         out["quantized_reference_vs_float_model"] = (reference - float_model).abs().max().item()
