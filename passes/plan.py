@@ -114,7 +114,11 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
     return plans
 
 
-def linear_decisions(root: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Parameter, Scheme | None]]:
+# (module, weight name, weight, scheme or None: kept float)
+LinearDecision = tuple[nn.Module, str, nn.Parameter, Scheme | None]
+
+
+def linear_decisions(root: nn.Module, config: QuantConfig) -> list[LinearDecision]:
     """``(module, weight name, weight, scheme or None)`` for every plain linear under ``root``.
 
     Decided as :func:`plan_sites` decides a site, from the module tree alone (names, ties, shape and

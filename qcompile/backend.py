@@ -29,9 +29,9 @@ from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_q
 from qcompile.ops.dispatch import KERNELS
 from qcompile.ops.quantized_linear import scheme_key
 from qcompile.pack_cache import packed_weight
-from qcompile.passes.plan import TRAINABLE, SitePlan, linear_decisions
+from qcompile.passes.plan import TRAINABLE, LinearDecision, SitePlan, linear_decisions
 from qcompile.passes.rewrite_linear import rewrite_linears
-from qcompile.passes.sites import find_linear_sites, linear_weight_of
+from qcompile.passes.sites import find_linear_sites
 from qcompile.release import kept_reason, note_float_reads, release
 from qcompile.report import Plan, rows_for
 
@@ -126,10 +126,11 @@ class QcompileError(ShortenTraceback, ValueError):
 
 def quantize_graph(
     gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions
-) -> tuple[Plan, list[SitePlan], list[SitePlan]]:
+) -> tuple[Plan, list[SitePlan], list[SitePlan], list[LinearDecision]]:
     """Plan and rewrite ``gm`` in place.
 
-    Returns the plan, the sites rewritten, and those of them whose weights may be released."""
+    Returns the plan, the sites rewritten, those of them whose weights may be released, and the config's
+    decision for every linear of the models in this graph."""
     start = time.perf_counter()
     graph_id = _graph_id(gm)
     strip_expect_quantized(gm)
@@ -140,7 +141,7 @@ def quantize_graph(
             raise ValueError(f"{plan.site.qualified_name}: weight is on the meta device (not loaded); load the "
                              "model's weights before compiling (e.g. load_state_dict(..., assign=True))")
     key = config_key(opts.config)
-    _record_decisions(key, plans, opts.config)
+    linears = _record_decisions(key, plans, opts.config)
     rewritten = rewrite_linears(gm, plans, opts.kernels, key)
     for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
         packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
@@ -167,7 +168,7 @@ def quantize_graph(
             if reason is None:
                 releasable.append(plan)
     rows = rows_for(plans, graph_id, set(), release_notes)
-    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable
+    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable, linears
 
 
 def _roots(plans: Sequence[SitePlan]) -> list[nn.Module]:
@@ -179,31 +180,27 @@ def _roots(plans: Sequence[SitePlan]) -> list[nn.Module]:
     return roots
 
 
-def _record_decisions(key: str, plans: Sequence[SitePlan], config: QuantConfig) -> None:
-    """Record the config's decision for every linear weight of the models in this graph (``qcompile/decisions.py``).
+def _record_decisions(key: str, plans: Sequence[SitePlan], config: QuantConfig) -> list[LinearDecision]:
+    """Record the config's decision for every linear weight of the models in this graph (``qcompile/decisions.py``);
+    returns those of the plain linear modules.
 
     The graph's own decisions are recorded last: they also cover linears that are not plain modules."""
-    for root in _roots(plans):
-        for _, _, weight, scheme in linear_decisions(root, config):
-            record(key, weight, None if scheme is None else scheme_key(scheme))
+    linears = [decision for root in _roots(plans) for decision in linear_decisions(root, config)]
+    for _, _, weight, scheme in linears:
+        record(key, weight, None if scheme is None else scheme_key(scheme))
     for plan in plans:
         if plan.site.parameter is not None and plan.decided_by != "site":
             record(key, plan.site.parameter, None if plan.scheme is None else scheme_key(plan.scheme))
+    return linears
 
 
-def _guard_modules(plans: list[SitePlan], config: QuantConfig, policy: FallbackPolicy) -> None:
-    """Give a fallback guard (``qcompile/fallback.py``) to the linear modules of the quantized weights, and
-    to every other linear of the model the config quantizes: one that dynamo runs as Python from the
-    start never reaches qcompile, and would run in float unseen."""
-    for plan in plans:
-        for _, module in plan.site.weight_names.owners():
-            linear = linear_weight_of(module)
-            if linear is not None and linear[0] is plan.site.parameter:  # not a tied embedding, which reads floats
-                guard(module, plan.site.qualified_name, plan.site.parameter, policy)
-    for root in _roots(plans):
-        for module, name, weight, scheme in linear_decisions(root, config):
-            if scheme is not None:
-                guard(module, name, weight, policy)
+def _guard_modules(linears: list[LinearDecision], policy: FallbackPolicy) -> None:
+    """Give a fallback guard (``qcompile/fallback.py``) to every linear module the config quantizes: those
+    this graph rewrote, and those it has not shown qcompile (dynamo may run them as Python from the start,
+    and they would run in float unseen). Tied embeddings are not linears: they keep reading floats."""
+    for module, name, weight, scheme in linears:
+        if scheme is not None:
+            guard(module, name, weight, policy)
 
 
 def _after_backward(out: Any, fn: Callable[[], None]) -> None:
@@ -254,7 +251,7 @@ def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[Any], 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
     try:
-        plan, rewritten, releasable = quantize_graph(gm, example_inputs, opts)
+        plan, rewritten, releasable, linears = quantize_graph(gm, example_inputs, opts)
     except ValueError as e:
         raise QcompileError(str(e)) from e
     if plan.rows:
@@ -271,7 +268,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
             release(plan, policy)
 
     def first_call(out: Any) -> None:
-        _guard_modules(rewritten, opts.config, policy)
+        _guard_modules(linears, policy)
         if releasable:
             _after_backward(out, release_all)
 

@@ -330,6 +330,5 @@ def _peft_aliases(name: str) -> list[str]:
     """The name a module has in the model peft wraps: rules written for the model (``lm_head``,
     ``model.layers.0.self_attn.q_proj``) then match under ``get_peft_model`` too, where the head is
     ``base_model.model.lm_head`` and a LoRA layer's frozen linear is ``...q_proj.base_layer``."""
-    stripped = name.removeprefix(_PEFT_PREFIX) if name.startswith(_PEFT_PREFIX) else name
-    stripped = stripped.removesuffix(_PEFT_BASE_LAYER)
+    stripped = name.removeprefix(_PEFT_PREFIX).removesuffix(_PEFT_BASE_LAYER)
     return [stripped] if stripped != name else []

@@ -5,9 +5,10 @@ A model compiled with qcompile can still run its linears in float, without qcomp
 * dynamo gives up on a frame (its recompile limit, say, during ``generate()`` with changing shapes)
   and runs the frame as plain Python: every module in it runs eagerly, in float;
 * dynamo runs a module call eagerly inside a compiled region (a frame it skips);
-* another backend compiles the model: in nested ``torch.compile`` calls the outer one wins, so
-  transformers' ``generate()``, which compiles ``model.__call__`` with inductor when it uses a static
-  cache on CUDA, traces straight through a ``model.forward`` compiled with qcompile.
+* another backend compiles the model: the same instance compiled again with inductor, or an outer
+  ``torch.compile`` around a function compiled with qcompile (the outer one wins). transformers'
+  own auto-compile of ``model.__call__`` (static cache on CUDA) is not one of them: ``Module.__call__``
+  is a frame dynamo skips, so a ``model.forward`` compiled with qcompile stays in charge (tested).
 
 Every linear module whose weight qcompile quantized, or whose weight the config quantizes though no
 graph has shown it to qcompile yet (a frame dynamo runs as Python from the start), gets a forward
@@ -44,9 +45,9 @@ log = logging.getLogger("qcompile")
 ON_FALLBACK = ("error", "warn")
 
 _REMEDY = (
-    "To stay quantized: for generate(), compile with dynamic=True or use the static cache (README, "
-    "'Generation'); for transformers' automatic compile, pass compile_config=CompileConfig(backend='qcompile', "
-    "mode=None, options={...}); raise torch._dynamo.config.recompile_limit if shapes really vary that much. "
+    "To stay quantized: for generate(), compile model.forward with dynamic=True, or use the static cache "
+    "(README, 'Generation'); compile the model with qcompile only, not again with another backend; raise "
+    "torch._dynamo.config.recompile_limit if shapes really vary that much. "
     "To run in float anyway, compile with options={'on_fallback': 'warn'}."
 )
 
