@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from benchmarks.pack_throughput import machine_info
+from benchmarks.tensor_memory import TensorMemoryTrace
 from benchmarks.timing import environment, library_version
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu" / "qlora.json"
@@ -179,6 +180,8 @@ def prepare(side: str, gc: str, rank: int, smoke: bool) -> tuple[torch.nn.Module
 
 # The logits of the first step's first LOGIT_TOKENS positions are kept, to check them against references.
 LOGIT_TOKENS = 8
+# Steps after the first whose tensor memory is traced.
+TRACED_STEPS = 3
 
 
 def _trainer(model: torch.nn.Module, runner: Any, lr: float, logits: list[torch.Tensor] | None = None):
@@ -275,6 +278,29 @@ def run_worker(side: str, gc: str, steps: int, rank: int, smoke: bool, batch: in
     return out
 
 
+def run_tensor_memory(side: str, gc: str, steps: int, rank: int, smoke: bool, batch: int, seq: int, lr: float,
+                      inner: str) -> dict[str, Any]:
+    """Peak bytes held by tensors (benchmarks/tensor_memory.py), traced from before the model is built: when
+    ready, during the first step (qcompile's packing and compile) and over the next TRACED_STEPS steps (the
+    steady state). A process of its own, since the trace slows every op (nothing here is timed)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with TensorMemoryTrace() as trace:
+        model, _ = prepare(side, gc, rank, smoke)
+        data = batches(model.config.vocab_size, 1 + TRACED_STEPS, batch, seq)
+        runner = model if side == "bnb" else torch.compile(
+            model, backend="qcompile", options={"config": _config(), "inner": inner, "release_weights": True})
+        step = _trainer(model, runner, lr)
+        trace.mark("first step")
+        step(data[0])
+        trace.mark("train")
+        for ids in data[1:]:
+            step(ids)
+    peaks = trace.peaks()
+    return {"side": side, "gc": gc, "peak_tensor_ready_mib": peaks["start"] / 2**20,
+            "peak_tensor_first_step_mib": peaks["first step"] / 2**20,
+            "peak_tensor_train_mib": peaks["train"] / 2**20}
+
+
 def _first_step_references(model: torch.nn.Module, initial: dict[str, torch.Tensor],
                            ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first step's logits (first LOGIT_TOKENS positions) as the eager quantized reference computes them
@@ -332,7 +358,10 @@ def compare(bnb: dict[str, Any], ours: dict[str, Any], timing: dict[str, Any]) -
         speed = timing["qcompile"]["steps_per_s"] / timing["bnb"]["steps_per_s"]
     return {"loss_max_rel_diff": max(rel), "loss_rel_diff_per_step": rel, "ok": ok, "why": why,
             "steps_per_s_interleaved": timing, "steps_per_s_ratio_qcompile_over_bnb": speed,
-            "peak_rss_train_ratio_qcompile_over_bnb": ours["peak_rss_train_mib"] / bnb["peak_rss_train_mib"]}
+            "peak_rss_train_ratio_qcompile_over_bnb": ours["peak_rss_train_mib"] / bnb["peak_rss_train_mib"],
+            "peak_tensor_train_ratio_qcompile_over_bnb": ours["peak_tensor_train_mib"] / bnb["peak_tensor_train_mib"],
+            "peak_tensor_first_step_ratio_qcompile_over_bnb": (ours["peak_tensor_first_step_mib"]
+                                                               / bnb["peak_tensor_first_step_mib"])}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -348,7 +377,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="qcompile's inner compiler (eager: no inductor, for quick checks)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for 2 steps (for the tests)")
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {DEFAULT_OUT})")
-    parser.add_argument("--worker", choices=("bnb", "qcompile", "timing"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("bnb", "qcompile", "timing", "bnb-memory", "qcompile-memory"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.smoke else 50)
@@ -360,7 +390,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.worker:
-        run = run_timing if args.worker == "timing" else functools.partial(run_worker, args.worker)
+        if args.worker == "timing":
+            run = run_timing
+        elif args.worker.endswith("-memory"):
+            run = functools.partial(run_tensor_memory, args.worker.removesuffix("-memory"))
+        else:
+            run = functools.partial(run_worker, args.worker)
         result = run(args.gc, args.steps, args.rank, args.smoke, args.batch, args.seq, args.lr, args.inner)
         args.worker_out.write_text(json.dumps(result))
         return 0
@@ -375,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     runs, comparisons = [], {}
     for gc in modes:
         pair = {side: _spawn(side, gc, args) for side in ("bnb", "qcompile")}
+        for side, run in pair.items():
+            traced = _spawn(f"{side}-memory", gc, args)
+            run.update({k: v for k, v in traced.items() if k.startswith("peak_tensor")})
+            if "error" in traced:
+                run["error"] = traced["error"]
         runs += list(pair.values())
         timing = _spawn("timing", gc, args)
         comparisons[gc] = compare(pair["bnb"], pair["qcompile"], timing)
@@ -391,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                      "qcompile_inner": args.inner, "qcompile_release_weights": True,
                      "smoke": args.smoke, "parity_limit": PARITY_LIMIT},
         "method": {"memory": "peak RSS (VmHWM) of a fresh process per configuration; reset after the first step",
+                   "tensor_memory": "peak bytes held by tensors (profiler allocation events, summed in time order), "
+                                    "traced in a process of its own from before the model is built: ready, first "
+                                    f"step, next {TRACED_STEPS} steps (train)",
                    "time": "first step alone (compile / warm-up); steps/s = 1 / median step time in a process "
                            "alternating the two sides' steps (2 warm-up steps each)",
                    "parity": "max over steps of |loss_qcompile - loss_bnb| / loss_bnb"},
@@ -410,7 +453,10 @@ def _print(gc: str, pair: dict[str, dict[str, Any]], cmp: dict[str, Any]) -> Non
             continue
         speed = timing.get(side, {}).get("steps_per_s", float("nan"))
         print(f"gc={gc:14s} {side:9s} steps/s {speed:6.3f}  first step {r['first_step_s']:6.1f} s  "
-              f"peak RSS train {r['peak_rss_train_mib']:7.1f} MiB (first step {r['peak_rss_first_step_mib']:7.1f})")
+              f"peak RSS train {r['peak_rss_train_mib']:7.1f} MiB (first step {r['peak_rss_first_step_mib']:7.1f})  "
+              f"peak tensors train {r.get('peak_tensor_train_mib', float('nan')):6.1f} MiB "
+              f"(first step {r.get('peak_tensor_first_step_mib', float('nan')):6.1f}, "
+              f"ready {r.get('peak_tensor_ready_mib', float('nan')):6.1f})")
     if "loss_max_rel_diff" in cmp:
         print(f"gc={gc:14s} loss max rel diff {cmp['loss_max_rel_diff']:.2e}  ok={cmp['ok']} {'; '.join(cmp['why'])}")
 

@@ -118,19 +118,21 @@ def plan_sites(sites: Sequence[LinearSite], config: QuantConfig, quantize_traina
 LinearDecision = tuple[nn.Module, str, nn.Parameter, Scheme | None]
 
 
-def linear_decisions(root: nn.Module, config: QuantConfig) -> list[LinearDecision]:
+def linear_decisions(root: nn.Module, config: QuantConfig, include_meta: bool = False) -> list[LinearDecision]:
     """``(module, weight name, weight, scheme or None)`` for every plain linear under ``root``.
 
     Decided as :func:`plan_sites` decides a site, from the module tree alone (names, ties, shape and
     dtype), so it covers linears that no graph has shown qcompile yet; whether the weight is trainable
     is left to the caller, as it depends on the grad mode of each call. Weights on the meta device are
-    left out.
+    left out unless ``include_meta``.
     """
     aliases = parameter_aliases(root)
     out = []
     for module_name, module in root.named_modules():
         linear = linear_weight_of(module)
-        if linear is None or not isinstance(linear[0], nn.Parameter) or linear[0].device.type == "meta":
+        if linear is None or not isinstance(linear[0], nn.Parameter):
+            continue
+        if linear[0].device.type == "meta" and not include_meta:
             continue
         weight, stored_in_out = linear
         names = WeightNames(tuple(aliases.get(id(weight), [f"{module_name}.weight"])), root)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "make_backend": "qcompile.backend",
     "invalidate": "qcompile.pack_cache",
     "Plan": "qcompile.report",
+    "quantize": "qcompile.quantize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -70,8 +70,9 @@ def report(name: str, how: str, policy: FallbackPolicy | str, released: bool = F
     mode = policy if isinstance(policy, str) else policy.on_fallback
     if released:
         raise RuntimeError(
-            f"qcompile: {name} was released (release_weights=True), but its module ran {how}; "
-            "compile without release_weights to keep a usable float model"
+            f"qcompile: {name} holds no float data (packed by qcompile.quantize or released by "
+            f"release_weights=True), but its module ran {how}; run the model through "
+            "torch.compile(..., backend='qcompile'), or keep a float model (no quantize(), no release_weights)"
         )
     module = name.rpartition(".")[0] or name
     message = f"qcompile: {module} ran in float although qcompile quantized its weight {name}: it ran {how}. {_REMEDY}"

@@ -90,8 +90,8 @@ def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: 
             return entry.packed
         if is_released(owner):
             raise ValueError(
-                f"{name}: its floating-point data was released (release_weights=True), so it cannot be "
-                f"packed with {scheme}; compile with the config it was packed with, or keep the weights"
+                f"{name}: its floating-point data was released (qcompile.quantize or release_weights=True), "
+                f"so it cannot be packed with {scheme}; compile with the config it was packed with, or keep the weights"
             )
         if entry is not None:
             log.info("qcompile: %s changed since it was packed (version %d -> %d); repacking",
@@ -156,3 +156,25 @@ def release_parameter(parameter: torch.nn.Parameter) -> None:
             entry.stamp = _stamp(parameter)
         if fresh:
             _BY_DATA[_data_key(parameter)] = weakref.ref(parameter)
+
+
+def adopt_packed(parameter: torch.nn.Parameter, scheme: Scheme, transposed: bool, packed: PackedWeight,
+                 float_data: torch.Tensor | None = None) -> None:
+    """Make ``packed`` (packed elsewhere: :func:`qcompile.quantize`, a checkpoint, a bitsandbytes layer) the
+    packed form of ``parameter`` for ``(scheme, transposed)``.
+
+    Without ``float_data`` the parameter becomes released (see :func:`release_parameter`) on the packed
+    tensors' device: a NaN broadcast to its shape, so no float copy of it exists anywhere. With
+    ``float_data`` (a weight that something else reads in float, such as a tied embedding) the parameter's
+    data becomes ``float_data`` and stays usable. The parameter may be on the meta device before.
+    """
+    device = next(t for t in packed.op_tensors().values() if t is not None).device
+    with _LOCK:
+        if float_data is None:
+            nan = torch.full((1,), float("nan"), dtype=parameter.dtype, device=device)
+            parameter.data = nan.expand(parameter.shape)
+            parameter._qcompile_released = True
+        else:
+            parameter.data = float_data
+        _PACKED[parameter] = {(scheme, transposed): _Entry(packed, _stamp(parameter))}
+        _BY_DATA[_data_key(parameter)] = weakref.ref(parameter)

@@ -48,8 +48,9 @@ def note_float_reads(gm: fx.GraphModule, example_inputs: Any, graph_id: str, nam
             continue
         if is_released(value):
             raise ValueError(
-                f"{names.get(id(value), node.name)}: its float data was released (release_weights=True) but "
-                f"graph {graph_id} reads it outside a quantized linear; compile without release_weights"
+                f"{names.get(id(value), node.name)}: its float data was released (qcompile.quantize or "
+                f"release_weights=True) but graph {graph_id} reads it outside a quantized linear (a config that keeps "
+                "it float?); compile with the config it was quantized with, or keep the weights"
             )
         _FLOAT_READERS.setdefault(value, graph_id)
 
