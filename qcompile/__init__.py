@@ -27,7 +27,8 @@ _EXPORTS = {
     "make_backend": "qcompile.backend",
     "invalidate": "qcompile.pack_cache",
     "Plan": "qcompile.report",
-    "quantize": "qcompile.quantize",
+    "quantize": "qcompile.quantize_model",
+    "memory_footprint": "qcompile.memory",
 }
 
 __all__ = sorted(_EXPORTS)

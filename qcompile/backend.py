@@ -26,9 +26,10 @@ from qcompile import config as config_module
 from qcompile.config import QuantConfig
 from qcompile.decisions import config_key, record
 from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_quantized
+from qcompile.memory import memory_footprint
 from qcompile.ops.dispatch import KERNELS
 from qcompile.ops.quantized_linear import scheme_key
-from qcompile.pack_cache import packed_weight
+from qcompile.pack_cache import is_released, packed_weight
 from qcompile.passes.plan import TRAINABLE, LinearDecision, SitePlan, linear_decisions
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites
@@ -161,14 +162,22 @@ def quantize_graph(
                     "or pass quantize_trainable=True", len(frozen_out), frozen_out[0])
     release_notes: dict[int, str] = {}
     releasable = []
+    for plan in rewritten:
+        if is_released(plan.site.parameter):
+            release_notes[id(plan)] = "packed ahead (quantize), no float copy"
     if opts.release_weights:
         for plan in rewritten:
+            if id(plan) in release_notes:
+                continue
             reason = kept_reason(plan)
             release_notes[id(plan)] = f"kept: {reason}" if reason else "released after the first call"
             if reason is None:
                 releasable.append(plan)
     rows = rows_for(plans, graph_id, set(), release_notes)
-    return Plan(tuple(rows), pass_seconds=time.perf_counter() - start), rewritten, releasable, linears
+    footprints = [memory_footprint(root) for root in _roots(plans)]
+    plan = Plan(tuple(rows), pass_seconds=time.perf_counter() - start,
+                footprint=footprints[0] if len(footprints) == 1 else None)
+    return plan, rewritten, releasable, linears
 
 
 def _roots(plans: Sequence[SitePlan]) -> list[nn.Module]:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from qcompile.dtypes import dtype_name
 from qcompile.formats import Scheme
+from qcompile.memory import MemoryFootprint
 from qcompile.passes.plan import SitePlan
 
 
@@ -92,6 +93,9 @@ class Plan:
 
     rows: tuple[PlanRow, ...]
     pass_seconds: float = 0.0  # time qcompile's passes took (finding, planning, packing, rewriting)
+    # What the graph's model held when the plan was made (packed forms included; qcompile/memory.py).
+    # With release_weights the float copies go after the first call: see qcompile.memory_footprint(model).
+    footprint: MemoryFootprint | None = None
 
     @property
     def quantized(self) -> tuple[PlanRow, ...]:
@@ -132,6 +136,8 @@ class Plan:
             f"{len(self.quantized)} of {len(self.rows)} linear sites quantized; linear weights "
             f"{_size(self.bytes_before)} -> {_size(self.bytes_after)} ({ratio:.2f}x smaller)"
         )
+        if self.footprint is not None:
+            out.append(f"model holds {self.footprint}")
         return "\n".join(out)
 
     def __str__(self) -> str:

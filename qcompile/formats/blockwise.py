@@ -137,7 +137,7 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     slots = (((normed + 1.0) * 0.5) * (DYNAMIC_LUT_SIZE - 1) + 0.5).to(torch.int32)
     codes = dynamic_lut(device)[slots.long()]
     codes[nested_absmax == 0] = 0
-    qabsmax = codes.view(-1)[:n].contiguous()
+    qabsmax = codes.view(-1)[:n].clone()  # not a view: the padded tail would stay allocated
     return qabsmax, nested_absmax, dynamic_code(device).clone(), float(offset.item())
 
 

@@ -158,6 +158,36 @@ def _shards(checkpoint: Path) -> list[Path]:
     return [checkpoint]
 
 
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the files' headers (no data read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _check_matches(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], checkpoint: Path) -> None:
+    """Raise before anything is loaded when the checkpoint lacks one of the model's meta parameters, or a
+    shape differs: a failed load must not leave the model half quantized."""
+    missing = []
+    for aliases in parameter_aliases(model).values():
+        param = model.get_parameter(aliases[0])
+        found = [name for name in aliases if name in shapes]
+        if not found:
+            if param.device.type == "meta":
+                missing.append(aliases[0])
+            continue
+        if shapes[found[0]] != tuple(param.shape):
+            raise ValueError(f"{found[0]}: checkpoint shape {shapes[found[0]]} != model shape {tuple(param.shape)}")
+    if missing:
+        raise ValueError(f"{missing[0]}: not in {checkpoint} ({len(missing)} parameters missing); the model "
+                         "must match the checkpoint's names")
+
+
 def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the files, one at a time (a shard is memory-mapped, not read whole)."""
     try:
@@ -174,27 +204,36 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
                    device: torch.device | None) -> list[PackedWeight]:
     """Stream the checkpoint into ``model``: planned weights packed as they arrive, the rest assigned."""
     device = device or torch.device("cpu")
+    files = _shards(checkpoint)
+    _check_matches(model, _shapes(files), checkpoint)
     by_name: dict[str, _Target] = {}
     for t in targets.values():
         for alias in parameter_aliases(model).get(id(t.parameter), [t.name]):
             by_name[alias] = t
+        if t.parameter.device.type == "meta":  # a meta tensor's data cannot be set: give it a real parameter
+            placeholder = torch.empty((), dtype=t.parameter.dtype, device=device).expand(t.parameter.shape)
+            t.parameter = _swap_parameter(model, t.parameter, placeholder)
+    aliases = parameter_aliases(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {name: (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
                for name, _ in model.named_buffers(remove_duplicate=False)}
     loaded: set[int] = set()
     packed, unexpected = [], []
-    for key, tensor in _tensors(_shards(checkpoint)):
+    for key, tensor in _tensors(files):
         target = by_name.get(key)
         if target is not None:
             if id(target.parameter) not in loaded:
-                _check_shape(key, tensor, target.parameter)
                 packed.append(_pack(target, tensor, device))
                 loaded.add(id(target.parameter))
         elif key in params:
             param = params[key]
-            _check_shape(key, tensor, param)
-            with torch.no_grad():
-                param.data = tensor.to(device=device, dtype=param.dtype)
+            value = tensor.to(device=device, dtype=param.dtype)
+            if param.device.type == "meta":
+                names = aliases.get(id(param), [key])
+                param = _swap_parameter(model, param, value, names)
+                params.update((name, param) for name in names)
+            else:
+                param.data = value
             loaded.add(id(param))
         elif key in buffers:
             module, attr = buffers[key]
@@ -206,10 +245,6 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
     if unexpected:
         log.warning("qcompile.quantize: %d tensors in %s match nothing in the model (e.g. %s)",
                     len(unexpected), checkpoint, unexpected[0])
-    missing = [name for name, p in params.items() if p.device.type == "meta"]
-    if missing:
-        raise ValueError(f"{missing[0]}: not in {checkpoint} ({len(missing)} parameters missing); the model "
-                         "must match the checkpoint's names")
     meta_buffers = [name for name, b in model.named_buffers() if b.device.type == "meta"]
     if meta_buffers:
         raise ValueError(f"{meta_buffers[0]}: a buffer on the meta device that the checkpoint does not hold; build "
@@ -219,9 +254,14 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
     return packed
 
 
-def _check_shape(key: str, tensor: torch.Tensor, param: torch.Tensor) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+def _swap_parameter(model: nn.Module, old: nn.Parameter, value: torch.Tensor,
+                    names: list[str] | None = None) -> nn.Parameter:
+    """Put a new parameter holding ``value`` wherever ``old`` is (all its names: ties stay tied)."""
+    new = nn.Parameter(value, requires_grad=old.requires_grad)
+    for name in names or parameter_aliases(model)[id(old)]:
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._parameters[attr] = new
+    return new
 
 
 def _move_buffers(model: nn.Module, device: torch.device) -> None:
