@@ -4,10 +4,12 @@
 
 A small Llama with random weights (nothing is downloaded) stands in for a checkpoint. The recipe:
 
-1. build (or load) the model in float; peft freezes the base weights and adds trainable LoRA adapters;
-2. optionally enable gradient checkpointing (transformers' non-reentrant checkpoint);
-3. ``torch.compile(model, backend="qcompile")``: frozen base weights are packed NF4 + double quant with
-   bf16 compute (QLoRA's settings, qcompile's default config); the adapters, which require grad, stay float;
+1. build (or load) the model; ``qcompile.quantize(model, config)`` packs the base projections NF4 + double
+   quant with bf16 compute (QLoRA's settings, qcompile's default config) and frees their float data, as
+   bitsandbytes' ``load_in_4bit`` does (``quantize(model, config, checkpoint=dir)`` does it while loading);
+2. peft adds trainable LoRA adapters (which stay float); optionally enable gradient checkpointing
+   (transformers' non-reentrant checkpoint);
+3. ``torch.compile(model, backend="qcompile")`` with the same config runs the packed base weights;
 4. train as usual; the backward reaches the adapters through the quantized base layers;
 5. check the plan: every base projection must be quantized (a linear qcompile did not see runs in float).
 """
@@ -36,14 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, use_cache=False)
     model = LlamaForCausalLM(config)  # float32; a real run would load a checkpoint here
+    # qcompile's default config is QLoRA's (NF4, double quant, bf16 compute) and keeps the head float; the
+    # glob "*lm_head" also matches the head's name under peft ("base_model.model.lm_head").
+    quant = qcompile.QuantConfig(rules=(qcompile.Rule("*lm_head", None),))
+    packed = qcompile.quantize(model, quant)
+    print(f"packed {len(packed.packed)} base weights; the model holds {qcompile.memory_footprint(model)}")
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     if args.gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    # qcompile's default config is QLoRA's (NF4, double quant, bf16 compute) and keeps the head float; the
-    # glob "*lm_head" also matches the head's name under peft ("base_model.model.lm_head").
-    quant = qcompile.QuantConfig(rules=(qcompile.Rule("*lm_head", None),))
     plans: list[qcompile.Plan] = []
     compiled = torch.compile(model, backend="qcompile", options={"config": quant, "on_plan": plans.append})
 

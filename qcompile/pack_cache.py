@@ -119,6 +119,12 @@ def cached_packed_weights(parameter: torch.Tensor) -> list[PackedWeight]:
         return [entry.packed for entry in _PACKED.get(parameter, {}).values()]
 
 
+def packed_keys(parameter: torch.Tensor) -> list[tuple[Scheme, bool]]:
+    """The ``(scheme, transposed)`` keys of the packed forms made so far for ``parameter``."""
+    with _LOCK:
+        return list(_PACKED.get(parameter, {}))
+
+
 def invalidate(parameters: torch.nn.Module | Iterable[torch.Tensor]) -> int:
     """Forget the packed forms of ``parameters`` (a module: all of its parameters); returns how many.
 

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from qcompile import config as config_module
+from qcompile.adopt_bnb import adopt_bitsandbytes, bitsandbytes_config
 from qcompile.config import QuantConfig
 from qcompile.fallback import FallbackPolicy, guard
 from qcompile.formats import PackedWeight, Scheme
-from qcompile.pack_cache import adopt_packed, is_released
+from qcompile.pack_cache import adopt_packed, is_released, packed_keys
 from qcompile.passes.names import WeightNames, parameter_aliases
 from qcompile.passes.plan import linear_decisions
 from qcompile.passes.sites import float_reader
@@ -48,11 +49,14 @@ ADAPTER_MARK = ".lora_"  # peft's LoRA modules (lora_A, lora_B, lora_embedding_*
 @dataclasses.dataclass(frozen=True)
 class QuantizeResult:
     """What :func:`quantize` did: names of the weights packed, those packed but kept float (read in float
-    elsewhere), and the bytes of packed data made."""
+    elsewhere), the bytes of packed data made, the bitsandbytes layers adopted, and the config used: compile
+    with it (``options={"config": result.config}``) so that the backend's plan is the same."""
 
     packed: tuple[str, ...]
     kept_float: tuple[str, ...]
     packed_bytes: int
+    adopted: tuple[str, ...] = ()
+    config: QuantConfig | None = None
 
 
 @dataclasses.dataclass
@@ -80,8 +84,14 @@ def quantize(
     checkpoint: safetensors file(s) or a directory holding them (a ``*.index.json`` is not needed) to
         load the model's tensors from, for a model built on the meta device.
     """
-    cfg = config_module.load(config)
+    adopted = adopt_bitsandbytes(model)  # bitsandbytes layers become plain linears on their own packed bytes
+    bnb_config = bitsandbytes_config(model) if config is None and adopted else None
+    cfg = bnb_config if bnb_config is not None else config_module.load(config)
+    if adopted and checkpoint is not None:
+        raise ValueError(f"{adopted[0]}: a bitsandbytes layer; checkpoint= loads into float or meta models only")
     target = torch.device(device) if device is not None else None
+    if checkpoint is not None and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # as from_pretrained does: a tied head is saved once, under the embedding's name
     targets = _targets(model, cfg)
     if checkpoint is None:
         meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
@@ -90,7 +100,7 @@ def quantize(
                              f"the model's tensors from safetensors files ({len(meta)} meta parameters)")
         packed = [_pack(t, t.parameter.detach(), target) for t in targets.values()]
         if target is not None:
-            _move_rest(model, targets, target)
+            _move_rest(model, targets, target, adopted)
     else:
         packed = _load_and_pack(model, targets, Path(checkpoint), target)
     policy = FallbackPolicy("error")
@@ -102,7 +112,7 @@ def quantize(
     if kept:
         log.info("qcompile.quantize: %d weights packed but kept float, read in float elsewhere (e.g. %s)",
                  len(kept), kept[0])
-    return QuantizeResult(tuple(targets), kept, sum(p.nbytes for p in packed))
+    return QuantizeResult(tuple(targets), kept, sum(p.nbytes for p in packed), tuple(adopted), cfg)
 
 
 def _targets(model: nn.Module, cfg: QuantConfig) -> dict[str, _Target]:
@@ -117,8 +127,11 @@ def _targets(model: nn.Module, cfg: QuantConfig) -> dict[str, _Target]:
             seen[id(weight)].owners.append(module)
             continue
         if is_released(weight):
-            raise ValueError(f"{name}: already quantized (its float data was released); build or load the model "
-                             "again to quantize it with another config")
+            if any(scheme == key[0] for key in packed_keys(weight)):
+                continue  # adopted from bitsandbytes with this very scheme
+            raise ValueError(f"{name}: already quantized (its float data was released, or it was adopted from "
+                             "bitsandbytes with another scheme); build or load the model again to quantize it with "
+                             "another config")
         names = WeightNames(tuple(aliases.get(id(weight), [name])), model)
         transposed = not isinstance(module, nn.Linear)  # transformers' Conv1D stores (in, out)
         seen[id(weight)] = out[name] = _Target(name, weight, [module], scheme, transposed,
@@ -137,9 +150,13 @@ def _pack(target: _Target, data: torch.Tensor, device: torch.device | None) -> P
     return packed
 
 
-def _move_rest(model: nn.Module, targets: dict[str, _Target], device: torch.device) -> None:
+def _move_rest(model: nn.Module, targets: dict[str, _Target], device: torch.device, adopted: list[str]) -> None:
     """Move every parameter and buffer that was not packed to ``device`` (one at a time, keeping ties)."""
-    done = {id(t.parameter) for t in targets.values()}
+    elsewhere = [name for name in adopted if model.get_parameter(name).device != device]
+    if elsewhere:
+        raise ValueError(f"{elsewhere[0]}: adopted from bitsandbytes on {model.get_parameter(elsewhere[0]).device}; "
+                         f"load the bitsandbytes model on {device} instead of moving it")
+    done = {id(t.parameter) for t in targets.values()} | {id(model.get_parameter(name)) for name in adopted}
     with torch.no_grad():
         for _, param in model.named_parameters():
             if id(param) not in done:
@@ -227,6 +244,8 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
                 loaded.add(id(target.parameter))
         elif key in params:
             param = params[key]
+            if id(param) in loaded:  # a tied weight saved under both names: the first one wins
+                continue
             value = tensor.to(device=device, dtype=param.dtype)
             if param.device.type == "meta":
                 names = aliases.get(id(param), [key])

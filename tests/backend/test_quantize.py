@@ -97,11 +97,15 @@ def test_compiling_with_another_config_than_quantize_used_is_an_error():
         _compiled_logits(model, config=skip_all, input_ids=_ids())
 
 
-def test_quantize_twice_is_an_error_and_meta_weights_need_a_checkpoint():
+def test_quantize_again_is_a_no_op_with_the_same_config_and_an_error_with_another():
     model = tiny_llama()
     qcompile.quantize(model, CONFIG)
+    assert qcompile.quantize(model, CONFIG).packed == ()
     with pytest.raises(ValueError, match="already quantized"):
-        qcompile.quantize(model, CONFIG)
+        qcompile.quantize(model, qcompile.QuantConfig(default=qcompile.FP4()))
+
+
+def test_meta_weights_need_a_checkpoint():
     from accelerate import init_empty_weights
 
     with init_empty_weights():
