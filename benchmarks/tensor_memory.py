@@ -16,7 +16,8 @@ model is built and the sums are absolute.
     trace.peaks()  # {"start": ..., "first step": ..., "train": ...} in bytes
 
 Each window's peak is the largest live total from its mark to the next one. Tracing slows every op
-call, so time nothing inside a trace.
+call, so time nothing inside a trace. Tensors created by safetensors' loader are recorded when allocated
+but not when freed (seen with safetensors 0.8): do not trace loading from safetensors files.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ _EXPORTS = {
     "Plan": "qcompile.report",
     "quantize": "qcompile.quantize_model",
     "memory_footprint": "qcompile.memory",
+    "save_quantized": "qcompile.checkpoint",
+    "load_quantized": "qcompile.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -229,7 +229,7 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
             by_name[alias] = t
         if t.parameter.device.type == "meta":  # a meta tensor's data cannot be set: give it a real parameter
             placeholder = torch.empty((), dtype=t.parameter.dtype, device=device).expand(t.parameter.shape)
-            t.parameter = _swap_parameter(model, t.parameter, placeholder)
+            t.parameter = swap_parameter(model, t.parameter, placeholder)
     aliases = parameter_aliases(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {name: (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
@@ -249,7 +249,7 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
             value = tensor.to(device=device, dtype=param.dtype)
             if param.device.type == "meta":
                 names = aliases.get(id(param), [key])
-                param = _swap_parameter(model, param, value, names)
+                param = swap_parameter(model, param, value, names)
                 params.update((name, param) for name in names)
             else:
                 param.data = value
@@ -273,7 +273,7 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
     return packed
 
 
-def _swap_parameter(model: nn.Module, old: nn.Parameter, value: torch.Tensor,
+def swap_parameter(model: nn.Module, old: nn.Parameter, value: torch.Tensor,
                     names: list[str] | None = None) -> nn.Parameter:
     """Put a new parameter holding ``value`` wherever ``old`` is (all its names: ties stay tied)."""
     new = nn.Parameter(value, requires_grad=old.requires_grad)

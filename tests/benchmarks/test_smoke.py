@@ -170,3 +170,20 @@ def test_qlora_smoke_compares_with_bitsandbytes(tmp_path):
     assert runs["qcompile"]["plan"]["all_base_quantized"]  # checkpointed layers are quantized too
     for key in ("torch", "bitsandbytes"):
         assert key in doc["machine"]
+    assert all(run["peak_tensor_train_mib"] > 0 for run in doc["runs"])
+
+
+def test_load_smoke_quantizes_while_loading_and_compares_with_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("safetensors")
+    from benchmarks import load
+
+    out = tmp_path / "load.json"
+    assert load.main(["--sizes", "smoke", "--out", str(out), "--workdir", str(tmp_path / "ckpt")]) == 0
+    doc = json.loads(out.read_text())
+    result = doc["results"]["smoke"]
+    assert set(result["runs"]) == {"qcompile", "bnb"}
+    ours = result["runs"]["qcompile"]
+    assert ours["packed_weights"] == 2 * 7  # every projection of the 2 layers
+    assert 0 < ours["footprint"]["packed_bytes"] < result["checkpoint"]["total_bytes"]
+    assert result["goals"]["packed_model_bytes"] == ours["footprint"]["total_bytes"]
