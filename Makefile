@@ -33,8 +33,8 @@ test-latest:
 	$(LATEST_PY) -m pip install --quiet --upgrade pip
 	$(LATEST_PY) -m pip install --quiet torch==2.13.0
 	$(LATEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
-	$(LATEST_PY) -m pip list 2>/dev/null | grep -i -E '^(transformers|peft|bitsandbytes|triton|accelerate) '
-	$(LATEST_PY) -m pytest tests/backend tests/passes tests/test_demo.py
+	$(LATEST_PY) -m pip list 2>/dev/null | grep -i -E '^(transformers|peft|bitsandbytes|triton|accelerate|safetensors) '
+	$(LATEST_PY) -m pytest tests/backend tests/checkpoint tests/passes tests/test_demo.py
 
 # Re-pin constraints.txt to what the test venv has now (after trying the new versions with test-latest).
 constraints: $(STAMP)
