@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.checkpoint import INDEX_NAME, load_quantized, save_quantized
+from qcompile.checkpoint import load_quantized, save_quantized
+from qcompile.checkpoint.layout import INDEX_NAME
 from qcompile.formats import FP4, NF4, Int8, Packed4bit
 from qcompile.pack_cache import cached_packed_weights, is_released
 from tests.models import tiny_llama
