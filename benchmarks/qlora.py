@@ -14,7 +14,8 @@ non-reentrant). Two sides, each run as bitsandbytes and qcompile users would:
 * ``bnb``: every projection a ``bitsandbytes.nn.Linear4bit`` quantized from the same float weight (its
   packed bytes, absmax and nested state are checked equal to ``qcompile.pack``'s), the model marked
   ``is_loaded_in_4bit`` so that peft wraps them with its bitsandbytes LoRA layer; eager.
-* ``qcompile``: the float model with peft LoRA, ``torch.compile(model, backend="qcompile")``
+* ``qcompile``: the model quantized by ``qcompile.quantize`` (packed before peft is added, no float copy
+  left, as bitsandbytes' layers hold none), peft LoRA, ``torch.compile(model, backend="qcompile")``
   (inductor behind it). Its plan is checked: every projection's base weight must be quantized, and the
   first step's logits must equal the eager quantized reference's (``qcompile.reference.dequantized_model``),
   not the float model's.
@@ -167,11 +168,16 @@ def _plan_summary(plans: list[Any], layers: int) -> dict[str, Any]:
             "all_base_quantized": len(base) == layers * len(TARGETS) and not float_base}
 
 
-def prepare(side: str, gc: str, rank: int, smoke: bool) -> tuple[torch.nn.Module, bool | None]:
-    """The peft model of one side (float: qcompile quantizes it when compiled), and for ``bnb`` whether
-    its packed bytes equal qcompile's."""
+def prepare(side: str, gc: str, rank: int, smoke: bool, quantize: bool = True) -> tuple[torch.nn.Module, bool | None]:
+    """The peft model of one side, its base quantized as each library's users do it before adding LoRA
+    (``bnb``: ``Linear4bit`` layers; ``qcompile``: ``qcompile.quantize``, which leaves no float copy), and for
+    ``bnb`` whether its packed bytes equal qcompile's. ``quantize=False``: qcompile's side stays float."""
     model = build_model(smoke)
     identical = to_bitsandbytes(model) if side == "bnb" else None
+    if side == "qcompile" and quantize:
+        import qcompile
+
+        qcompile.quantize(model, _config())
     model = add_lora(model, rank)
     if gc != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": gc == "reentrant"})
@@ -270,7 +276,7 @@ def run_worker(side: str, gc: str, steps: int, rank: int, smoke: bool, batch: in
     if side == "qcompile":
         out["plan"] = _plan_summary(plans, layers)
         # A fresh copy of the model (same seed): the trained one's float base weights were released.
-        fresh, _ = prepare(side, "off", rank, smoke)
+        fresh, _ = prepare(side, "off", rank, smoke, quantize=False)
         reference, float_model = _first_step_references(fresh, initial, data[0])
         out["step0_logits_max_abs_diff_vs_quantized_reference"] = (first_logits - reference).abs().max().item()
         out["step0_logits_max_abs_diff_vs_float_model"] = (first_logits - float_model).abs().max().item()
