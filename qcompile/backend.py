@@ -136,6 +136,7 @@ def quantize_graph(
     graph_id = _graph_id(gm)
     strip_expect_quantized(gm)
     sites = find_linear_sites(gm, example_inputs)
+    _warn_bitsandbytes_ops(gm, graph_id)
     plans = opts.config.plan(sites, quantize_trainable=opts.quantize_trainable)
     for plan in plans:
         if plan.site.parameter is not None and plan.site.parameter.device.type == "meta":
@@ -178,6 +179,16 @@ def quantize_graph(
     plan = Plan(tuple(rows), pass_seconds=time.perf_counter() - start,
                 footprint=footprints[0] if len(footprints) == 1 else None)
     return plan, rewritten, releasable, linears
+
+
+def _warn_bitsandbytes_ops(gm: fx.GraphModule, graph_id: str) -> None:
+    """bitsandbytes' layers traced as they are run bitsandbytes' ops, not qcompile's: say how to adopt them."""
+    ops = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                  and getattr(n.target, "namespace", None) == "bitsandbytes"})
+    if ops:
+        log.warning("qcompile: graph %s runs bitsandbytes' own ops (%s): its Linear4bit / Linear8bitLt layers were "
+                    "not adopted; call qcompile.quantize(model) before compiling to run them on qcompile's ops "
+                    "(README: 'Memory')", graph_id, ", ".join(ops))
 
 
 def _roots(plans: Sequence[SitePlan]) -> list[nn.Module]:

@@ -287,3 +287,15 @@ def test_quantize_adopts_a_bitsandbytes_model_and_returns_the_config_to_compile_
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="adopted from bitsandbytes with another scheme"):
         qcompile.quantize(model, qcompile.QuantConfig(default=qcompile.FP4()))
+
+
+def test_compiling_bitsandbytes_layers_without_adopting_them_says_how(caplog):
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="qcompile", options={"inner": "eager"})
+    with caplog.at_level(logging.WARNING, logger="qcompile"), torch.no_grad():
+        compiled(torch.randn(3, 64))
+    assert any("bitsandbytes' own ops" in r.getMessage() and "qcompile.quantize(model)" in r.getMessage()
+               for r in caplog.records)
