@@ -139,10 +139,12 @@ def _targets(model: nn.Module, cfg: QuantConfig) -> dict[str, _Target]:
     return out
 
 
-def _pack(target: _Target, data: torch.Tensor, device: torch.device | None) -> PackedWeight:
-    """Pack ``data`` (the weight's values) on ``device`` and install it as the weight's packed form."""
+def _pack(target: _Target, data: torch.Tensor, device: torch.device | None, mapped: bool = False) -> PackedWeight:
+    """Pack ``data`` (the weight's values) on ``device`` and install it as the weight's packed form.
+    ``mapped``: ``data`` lives in a memory-mapped file, so a float copy that is kept must be copied out."""
     with torch.no_grad():
-        on_device = data.to(device=device or data.device, dtype=target.parameter.dtype)
+        on_device = data.to(device=device or data.device, dtype=target.parameter.dtype,
+                            copy=mapped and target.keep_float)
         packed = target.scheme.pack(on_device.t() if target.transposed else on_device, name=target.name)
     adopt_packed(target.parameter, target.scheme, target.transposed, packed,
                  float_data=on_device if target.keep_float else None)
@@ -240,13 +242,15 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
         target = by_name.get(key)
         if target is not None:
             if id(target.parameter) not in loaded:
-                packed.append(_pack(target, tensor, device))
+                packed.append(_pack(target, tensor, device, mapped=True))
                 loaded.add(id(target.parameter))
         elif key in params:
             param = params[key]
             if id(param) in loaded:  # a tied weight saved under both names: the first one wins
                 continue
-            value = tensor.to(device=device, dtype=param.dtype)
+            # A copy: safetensors' tensors are views of the memory-mapped shard, and one kept view would keep
+            # the whole shard mapped (and resident) for as long as the model lives.
+            value = tensor.to(device=device, dtype=param.dtype, copy=True)
             if param.device.type == "meta":
                 names = aliases.get(id(param), [key])
                 param = swap_parameter(model, param, value, names)
@@ -257,7 +261,8 @@ def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Pa
         elif key in buffers:
             module, attr = buffers[key]
             old = module._buffers[attr]
-            module._buffers[attr] = tensor.to(device=device, dtype=old.dtype if old.is_floating_point() else None)
+            module._buffers[attr] = tensor.to(device=device, dtype=old.dtype if old.is_floating_point() else None,
+                                              copy=True)
         else:
             unexpected.append(key)
         del tensor

@@ -97,18 +97,20 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike[str], device: 
         raise ImportError("qcompile.load_quantized reads safetensors files: pip install safetensors") from e
     with torch.no_grad():
         for path in files:
+            # Every tensor kept is copied out: safetensors' tensors are views of the memory-mapped file, and one
+            # kept view would keep the whole shard mapped (and resident) for as long as the model lives.
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     if key in unexpected:
                         continue
                     group = by_key.get(key)
                     if group is not None:
-                        group.tensors[group.keys[key]] = f.get_tensor(key).to(target)
+                        group.tensors[group.keys[key]] = f.get_tensor(key).to(target, copy=True)
                         if len(group.tensors) == len(group.keys):
                             done.append((group, _install(model, group, aliases)))
                     elif key in params:
                         param = params[key]
-                        value = f.get_tensor(key).to(device=target, dtype=param.dtype)
+                        value = f.get_tensor(key).to(device=target, dtype=param.dtype, copy=True)
                         if param.device.type == "meta":  # a meta tensor's data cannot be set: a new parameter
                             names = aliases.get(id(param), [key])
                             params.update(dict.fromkeys(names, swap_parameter(model, param, value, names)))
@@ -119,7 +121,8 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike[str], device: 
                         old = module._buffers[attr]
                         tensor = f.get_tensor(key)
                         module._buffers[attr] = tensor.to(
-                            device=target, dtype=old.dtype if old is not None and old.is_floating_point() else None)
+                            device=target, dtype=old.dtype if old is not None and old.is_floating_point() else None,
+                            copy=True)
                         loaded_buffers.add(key)
     if unexpected:
         warnings.warn(f"qcompile.load_quantized: {len(unexpected)} tensors in {directory} match nothing in the "
