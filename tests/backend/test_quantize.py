@@ -199,3 +199,18 @@ def test_qlora_on_a_quantized_base_trains_only_the_adapters():
     assert sum(r.quantized for plan in plans for r in plan.rows) == 2 * len(PROJECTIONS)
     with torch.no_grad():  # LoRA B starts at zero: the first logits are the quantized base's
         assert torch.allclose(out.logits, reference(input_ids=ids).logits, atol=1e-5)
+
+
+def test_quantize_to_a_device_moves_the_rest_and_keeps_ties():
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    reference = dequantized_model(copy.deepcopy(model), CONFIG)
+    result = qcompile.quantize(model, CONFIG, device="cpu")  # the one device here: the move path, at least
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(is_released(model.get_parameter(name)) for name in result.packed)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(_compiled_logits(model, input_ids=ids), reference(input_ids=ids).logits)
