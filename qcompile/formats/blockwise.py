@@ -1,7 +1,13 @@
 """Blockwise absmax quantization: NF4/FP4 codes and the nested (double) quantization of absmax.
 
-These are the numerics of bitsandbytes, reproduced in plain torch so that they run on
-any device and give the same bytes as ``bitsandbytes.functional.quantize_4bit`` on CPU:
+These are the numerics of bitsandbytes, reproduced in plain torch so that they run on any
+device and give the same bytes as ``bitsandbytes.functional.quantize_4bit``. bitsandbytes
+itself has two implementations that disagree on a small fraction of the bytes, so there are
+two rules here, and a checkpoint should match the one the user compares with: packing a CUDA
+tensor uses the "cuda" rule, any other tensor the "cpu" rule; ``rule=`` forces one (e.g. to
+emulate the CUDA kernels on CPU). See :func:`resolve_rule`.
+
+The "cpu" rule (bitsandbytes' CPU backend):
 
 * 4-bit (bitsandbytes' torch ``quantize_4bit`` kernel): per block of ``blocksize``
   elements of the flattened weight, ``absmax = max |w|``; ``v = clamp(w * (1 / max(absmax,
@@ -13,6 +19,30 @@ any device and give the same bytes as ``bitsandbytes.functional.quantize_4bit`` 
   256 of ``absmax - offset`` get their own absmax ``a``; ``v = clamp(x * (1 / a), -1, 1)``;
   the LUT slot ``trunc(((v + 1) * 0.5) * 65535 + 0.5)`` names the 8-bit code index. An
   all-zero block codes to index 0 with absmax 0.
+
+The "cuda" rule (csrc/kernels.cu ``kQuantizeBlockwise`` / ``kQuantizeBlockwiseSmall``, built
+with ``--use_fast_math``, so every float op flushes subnormals to zero):
+
+* ``absmax = max |w|`` (subnormal ``w`` count as 0, nothing is floored, the partial last
+  block is treated like the others, its missing elements read as 0.0); ``inv = 1 / absmax``
+  (``MUFU.RCP``: inf for an all-zero block); ``v = w * inv``, not clamped. An all-zero block
+  gives ``0 * inf = NaN``, and NaN fails every comparison, so it codes to nibble / index 0.
+* NF4 (``dQuantizeNF4``): a comparison tree against float32 literals that are not the float32
+  midpoints the CPU rule uses (4 of 15 differ by one ulp). FP4 (``dQuantizeFP4``): sign bit
+  from ``v < 0``, magnitude from a tree on ``|v|`` with literals off by up to 14 ulps (so a tie
+  on a negative boundary goes to the smaller magnitude, and a tiny nonzero ``v`` gives nibble
+  8 when negative and 0 when positive, the reverse of the CPU rule).
+* nested absmax (``dQuantize<0>``): a binary search over the sorted 256-entry dynamic code
+  and a final comparison against the float32 midpoint ``(lo + hi) * 0.5f``: the nearest code
+  value, a tie going to the even index. The CPU rule's 65536-slot LUT rounds ~0.2% of the
+  codes of a typical weight differently. ``offset`` is torch's ``mean`` on the tensor's own
+  device, as in bitsandbytes.
+
+The kernel's reciprocal is the approximate ``MUFU.RCP`` (up to one ulp from the correctly
+rounded ``1 / absmax``); the "cuda" rule here takes the correctly rounded one on every device (a
+kernel of its own would not belong in this pure-numerics module), so a product within an ulp of a
+decision boundary can rarely come out differently from bitsandbytes' CUDA bytes. Not yet measured on
+a GPU: ``tests/formats/test_cuda_rule.py::test_cuda_tensor_packs_like_bitsandbytes_cuda`` will tell.
 
 Packing streams over the flattened weight in chunks of whole blocks, so the only float32
 copy of the weight is one chunk-sized working buffer.
@@ -32,6 +62,21 @@ CHUNK_ELEMENTS = 1 << 20
 # bitsandbytes clamps absmax to this before taking the reciprocal, so all-zero blocks
 # scale to 0 instead of NaN.
 _ABSMAX_FLOOR = 1e-38
+
+RULES = ("cpu", "cuda")
+
+
+def resolve_rule(rule: str | None, device: torch.device) -> str:
+    """The rounding rule to pack with: ``rule`` itself, or by device when None.
+
+    "cuda" for a CUDA tensor (what bitsandbytes' CUDA kernels write; ROCm builds share their
+    source), "cpu" for any other (bitsandbytes' CPU backend).
+    """
+    if rule is None:
+        return "cuda" if device.type == "cuda" else "cpu"
+    if rule not in RULES:
+        raise ValueError(f"rule: {rule!r} is not allowed; allowed: 'cpu', 'cuda', or None (by device)")
+    return rule
 
 
 def _check_finite(absmax: torch.Tensor, name: str) -> None:
@@ -70,16 +115,21 @@ def _quantize_chunk(x: torch.Tensor, absmax_floor: torch.Tensor, bounds: torch.T
 
 
 def quantize_4bit(weight: torch.Tensor, blocksize: int, kind: str, name: str = "weight",
-                  chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_elements: int = CHUNK_ELEMENTS, rule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise NF4/FP4 quantization of the flattened ``weight``.
 
     Returns ``(packed, absmax)``: packed uint8 [ceil(numel / 2)] (two codes per byte, high
     nibble first) and float32 absmax [ceil(numel / blocksize)], byte-identical to
-    ``bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type=kind)``.
+    ``bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type=kind)`` on the device
+    ``rule`` names ("cpu" or "cuda"; None: the weight's device, see :func:`resolve_rule`).
     Raises ValueError naming ``name`` if the weight holds NaN or Inf.
     """
     flat = weight.detach().contiguous().view(-1)
     device = flat.device
+    if resolve_rule(rule, device) == "cuda":
+        from qcompile.formats.blockwise_cuda import quantize_4bit_cuda
+
+        return quantize_4bit_cuda(flat, blocksize, kind, name, chunk_elements)
     n = flat.numel()
     bounds, nibble_of_rank = fourbit_bounds(kind, device)
     full_blocks, rem = divmod(n, blocksize)
@@ -115,14 +165,18 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, kind: str, name: str = "
     return packed, absmax
 
 
-def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def quantize_nested(absmax: torch.Tensor, rule: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Double quantization of float32 absmax values, as bitsandbytes' ``compress_statistics``.
 
     Returns ``(qabsmax uint8 [blocks], nested_absmax float32 [ceil(blocks / 256)],
     nested_code float32 [256], nested_offset)`` where ``offset = absmax.mean()`` and
-    ``absmax ~= nested_code[qabsmax] * nested_absmax[i // 256] + offset``.
+    ``absmax ~= nested_code[qabsmax] * nested_absmax[i // 256] + offset``. ``rule`` as in
+    :func:`quantize_4bit`; the two rules differ only in the codes (and, for subnormal centered
+    values, the nested absmax).
     """
     device = absmax.device
+    cuda_rule = resolve_rule(rule, device) == "cuda"
     offset = absmax.mean()  # same torch reduction as bitsandbytes, so the same float32 bits
     centered = absmax - offset
     n = centered.numel()
@@ -130,6 +184,12 @@ def quantize_nested(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=device)
     padded[:n] = centered
     padded = padded.view(blocks, NESTED_BLOCKSIZE)
+    if cuda_rule:
+        from qcompile.formats.blockwise_cuda import nested_codes_cuda
+
+        codes, nested_absmax = nested_codes_cuda(padded)
+        qabsmax = codes.view(-1)[:n].clone()
+        return qabsmax, nested_absmax, dynamic_code(device).clone(), float(offset.item())
     # Zero padding cannot raise a block's absmax, so the partial block needs no special case.
     nested_absmax = padded.abs().amax(dim=1)
     inv = torch.where(nested_absmax == 0, torch.zeros_like(nested_absmax), 1.0 / nested_absmax)

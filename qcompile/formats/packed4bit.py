@@ -45,14 +45,16 @@ class Packed4bit(PackedWeight):
         self.nested_offset = float(nested_offset)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, scheme: FourBitScheme, name: str = "weight") -> Packed4bit:
-        """Pack ``weight`` with ``scheme``; bytes equal bitsandbytes' ``quantize_4bit``."""
+    def quantize(cls, weight: torch.Tensor, scheme: FourBitScheme, name: str = "weight",
+                 rule: str | None = None) -> Packed4bit:
+        """Pack ``weight`` with ``scheme``; bytes equal bitsandbytes' ``quantize_4bit`` on the weight's device
+        (``rule``: "cpu" or "cuda" to force bitsandbytes' CPU or CUDA rounding, see ``blockwise.resolve_rule``)."""
         with torch.no_grad():
-            packed, absmax = blockwise.quantize_4bit(weight, scheme.blocksize, scheme.kind, name)
+            packed, absmax = blockwise.quantize_4bit(weight, scheme.blocksize, scheme.kind, name, rule=rule)
             code = fourbit_code(scheme.kind, weight.device).clone()
             if not scheme.double_quant:
                 return cls(scheme, tuple(weight.shape), weight.dtype, packed, absmax, code)
-            qabsmax, nested_absmax, nested_code, offset = blockwise.quantize_nested(absmax)
+            qabsmax, nested_absmax, nested_code, offset = blockwise.quantize_nested(absmax, rule=rule)
         return cls(scheme, tuple(weight.shape), weight.dtype, packed, qabsmax, code, nested_absmax, nested_code,
                    offset)
 
