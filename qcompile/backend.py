@@ -29,7 +29,7 @@ from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_q
 from qcompile.memory import memory_footprint
 from qcompile.ops.dispatch import KERNELS
 from qcompile.ops.quantized_linear import scheme_key
-from qcompile.pack_cache import is_released, packed_weight
+from qcompile.pack_cache import packed_weight, released_how
 from qcompile.passes.plan import TRAINABLE, LinearDecision, SitePlan, linear_decisions
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites
@@ -164,8 +164,11 @@ def quantize_graph(
     release_notes: dict[int, str] = {}
     releasable = []
     for plan in rewritten:
-        if is_released(plan.site.parameter):
+        how = released_how(plan.site.parameter)
+        if how == "packed ahead":
             release_notes[id(plan)] = "packed ahead (quantize), no float copy"
+        elif how is not None:
+            release_notes[id(plan)] = "released by an earlier graph, no float copy"
     if opts.release_weights:
         for plan in rewritten:
             if id(plan) in release_notes:

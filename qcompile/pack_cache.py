@@ -72,8 +72,15 @@ def _entries(weight: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
 
 
 def is_released(parameter: torch.Tensor) -> bool:
-    """True once :func:`release_parameter` dropped the parameter's floating-point data."""
-    return bool(getattr(parameter, "_qcompile_released", False))
+    """True once the parameter's floating-point data was dropped (released, or packed elsewhere)."""
+    return released_how(parameter) is not None
+
+
+def released_how(parameter: torch.Tensor) -> str | None:
+    """How the parameter lost its float data, for the plan: ``"released"`` (``release_weights=True`` after a
+    graph's first call) or ``"packed ahead"`` (:func:`adopt_packed`: quantize, a checkpoint, bitsandbytes);
+    None while it holds its data."""
+    return getattr(parameter, "_qcompile_released", None)
 
 
 def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> PackedWeight:
@@ -157,7 +164,7 @@ def release_parameter(parameter: torch.nn.Parameter) -> None:
         entries = _PACKED.get(parameter, {})
         fresh = {key: entry for key, entry in entries.items() if entry.stamp == _stamp(parameter)}
         parameter.data = nan.expand(parameter.shape)
-        parameter._qcompile_released = True
+        parameter._qcompile_released = "released"
         for entry in fresh.values():
             entry.stamp = _stamp(parameter)
         if fresh:
@@ -179,7 +186,7 @@ def adopt_packed(parameter: torch.nn.Parameter, scheme: Scheme, transposed: bool
         if float_data is None:
             nan = torch.full((1,), float("nan"), dtype=parameter.dtype, device=device)
             parameter.data = nan.expand(parameter.shape)
-            parameter._qcompile_released = True
+            parameter._qcompile_released = "packed ahead"
         else:
             parameter.data = float_data
         _PACKED[parameter] = {(scheme, transposed): _Entry(packed, _stamp(parameter))}
