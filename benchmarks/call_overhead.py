@@ -45,6 +45,7 @@ def measure(reps: int) -> dict[str, float]:
     from qcompile import NF4
     from qcompile.config import QuantConfig
     from qcompile.decisions import config_key, record
+    from qcompile.ops import binding, op_arguments
     from qcompile.ops.quantized_linear import own_scheme, scheme_key
     from qcompile.pack_cache import packed_weight
 
@@ -57,12 +58,12 @@ def measure(reps: int) -> dict[str, float]:
     key = scheme_key(scheme)
     config = config_key(QuantConfig(default=scheme))
     record(config, weight, key)
-    format_op = scheme.op
-    tensors, constants = list(packed.op_tensors().values()), packed.op_constants()
+    format_op = binding(scheme).op
+    args = op_arguments(packed, x, bias, "reference")
     quantized_linear = torch.ops.qcompile.quantized_linear.default
     with torch.no_grad():
         rows = {
-            "format_op": _per_call_us(lambda: format_op(x, *tensors, bias, *constants, "reference"), reps),
+            "format_op": _per_call_us(lambda: format_op(*args), reps),
             "quantized_linear": _per_call_us(
                 lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference"), reps),
             "quantized_linear_with_decision": _per_call_us(

@@ -174,6 +174,7 @@ def _cases(shape: tuple, m: int, cases: list[SchemeCase], impls: tuple[str, ...]
            peaks: Peaks, smoke: bool, bnb: bool, strict: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The rows of one (shape, M): torch bf16, each scheme in each impl, and the bitsandbytes baselines."""
     import qcompile
+    from qcompile.ops import linear
 
     shape_name, layers, n, k = shape
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(n * 31 + k)) * 0.02).to(
@@ -205,7 +206,7 @@ def _cases(shape: tuple, m: int, cases: list[SchemeCase], impls: tuple[str, ...]
         packed = qcompile.pack(weight, case.make())
 
         def scheme_case(case: SchemeCase, packed: Any, impl: str, row_base: dict[str, Any]) -> dict[str, Any]:
-            seconds, y, launches = _measure(lambda: packed.linear(x, kernels=impl), device, smoke)
+            seconds, y, launches = _measure(lambda: linear(packed, x, kernels=impl), device, smoke)
             row = _row(row_base, seconds, packed.nbytes + act_bytes, flops, peaks, case.int8_compute)
             row.update(rel_err_vs_bf16=_rel_err(y, ref), autotune=launches)
             return row

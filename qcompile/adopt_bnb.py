@@ -79,7 +79,7 @@ def adopt_bitsandbytes(model: nn.Module) -> list[str]:
         weight_name = f"{layer.names[0]}.weight"
         linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta", dtype=packed.dtype)
         # The placeholder adopt_packed makes, built directly: .data cannot move a parameter off the meta device.
-        device = next(t for t in packed.op_tensors().values() if t is not None).device
+        device = next(t for t in packed.tensors().values() if t is not None).device
         nan = torch.full((1,), float("nan"), dtype=packed.dtype, device=device)
         linear.weight = nn.Parameter(nan.expand(packed.shape), requires_grad=False)
         linear.bias = module.bias

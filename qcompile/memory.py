@@ -67,7 +67,7 @@ def memory_footprint(model: nn.Module) -> MemoryFootprint:
             packed_count += 1
             released += is_released(p)
             for form in forms:
-                for t in form.op_tensors().values():
+                for t in form.tensors().values():
                     if t is not None and _storage_key(t) not in seen:
                         seen.add(_storage_key(t))
                         packed_bytes += t.untyped_storage().nbytes()

@@ -181,7 +181,7 @@ def adopt_packed(parameter: torch.nn.Parameter, scheme: Scheme, transposed: bool
     ``float_data`` (a weight that something else reads in float, such as a tied embedding) the parameter's
     data becomes ``float_data`` and stays usable. The parameter may be on the meta device before.
     """
-    device = next(t for t in packed.op_tensors().values() if t is not None).device
+    device = next(t for t in packed.tensors().values() if t is not None).device
     with _LOCK:
         if float_data is None:
             nan = torch.full((1,), float("nan"), dtype=parameter.dtype, device=device)

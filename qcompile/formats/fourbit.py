@@ -48,13 +48,6 @@ class FourBitScheme(Scheme):
         check_dtype(self, "quant_storage")
 
     # ---- numerics ----------------------------------------------------------
-    @property
-    def op(self) -> torch._ops.OpOverload:
-        """``torch.ops.qcompile.linear_4bit``."""
-        import qcompile.ops  # noqa: F401  (registers the ops; kept out of `import qcompile`)
-
-        return torch.ops.qcompile.linear_4bit.default
-
     def unsupported_reason(self, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
         """Adds bitsandbytes' quant_storage limit: the packed bytes must fill whole storage elements."""
         reason = super().unsupported_reason(shape, dtype)

@@ -33,12 +33,6 @@ class Int8(Scheme):
             raise ValueError(f"int8.threshold: {self.threshold} is not allowed; allowed: a finite number >= 0")
         check_type(self, "has_fp16_weight", bool)
 
-    @property
-    def op(self) -> torch._ops.OpOverload:
-        """``torch.ops.qcompile.linear_int8``."""
-        import qcompile.ops  # noqa: F401  (registers the ops; kept out of `import qcompile`)
-
-        return torch.ops.qcompile.linear_int8.default
 
     def pack(self, weight: torch.Tensor, name: str = "weight") -> PackedInt8:
         """Row-wise int8 of the float16-cast weight, equal to bitsandbytes ``Int8Params``."""

@@ -18,7 +18,7 @@ _QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 
 
 class Packed4bit(PackedWeight):
-    """An NF4 / FP4 weight as ``qcompile::linear_4bit`` consumes it.
+    """An NF4 / FP4 weight (``qcompile::linear_4bit`` runs it).
 
     packed: uint8 [ceil(N*K / 2)], two codes per byte, high nibble first, over the flattened
         row-major [N, K] weight. ``scheme.quant_storage`` only matters in :meth:`to_bitsandbytes`.
@@ -59,7 +59,7 @@ class Packed4bit(PackedWeight):
                    offset)
 
     # ---- op interface ------------------------------------------------------
-    def op_tensors(self) -> dict[str, torch.Tensor | None]:
+    def tensors(self) -> dict[str, torch.Tensor | None]:
         return {
             "packed": self.packed,
             "absmax": self.absmax,
@@ -67,10 +67,6 @@ class Packed4bit(PackedWeight):
             "nested_absmax": self.nested_absmax,
             "nested_code": self.nested_code,
         }
-
-    def op_constants(self) -> tuple[Any, ...]:
-        """(nested_offset, blocksize, out_features, in_features, compute_dtype)."""
-        return (self.nested_offset, self.scheme.blocksize, self.shape[0], self.shape[1], self.scheme.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [N, K] weight in ``dtype`` (default: the original weight's dtype).

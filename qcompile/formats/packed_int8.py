@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -90,12 +90,8 @@ class PackedInt8(PackedWeight):
             master = w.to(torch.float16, copy=True) if scheme.has_fp16_weight else None
         return cls(scheme, q, scb, weight.dtype, master)
 
-    def op_tensors(self) -> dict[str, torch.Tensor | None]:
+    def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"weight": self.weight, "weight_scale": self.weight_scale}
-
-    def op_constants(self) -> tuple[Any, ...]:
-        """(threshold,)."""
-        return (self.scheme.threshold,)
 
     @property
     def nbytes(self) -> int:
@@ -177,11 +173,8 @@ class PackedInt8PerChannel(PackedWeight):
             q, absmax = _quantize_rows(weight.detach(), torch.float32, name)
         return cls(scheme, q, absmax / 127.0, weight.dtype)
 
-    def op_tensors(self) -> dict[str, torch.Tensor | None]:
+    def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"weight": self.weight, "weight_scale": self.weight_scale}
-
-    def op_constants(self) -> tuple[Any, ...]:
-        return ()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype or self.dtype)

@@ -103,12 +103,7 @@ class Scheme:
                 kwargs[name] = parse_dtype(kwargs[name], f"{key}.{name}", allowed)
         return cls(**kwargs)
 
-    # ---- what a format provides -------------------------------------------
-    @property
-    def op(self) -> torch._ops.OpOverload:
-        """The ``torch.ops.qcompile.*`` op a linear with this scheme is rewritten to."""
-        raise NotImplementedError
-
+    # ---- what a format provides (the op that runs it is bound in qcompile/ops) ----
     def unsupported_reason(self, shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
         """Why a weight of this shape and dtype cannot use this scheme, or None if it can."""
         if len(shape) != 2:
@@ -154,8 +149,9 @@ def check_dtype(scheme: Scheme, name: str) -> None:
 class PackedWeight:
     """A quantized weight: the tensors a quantized op consumes, plus its scheme.
 
-    Subclasses (one per format family) implement the methods below. The op is
-    called as ``scheme.op(x, *op_tensors().values(), bias, *op_constants(), kernels)``.
+    Subclasses (one per format family) implement the methods below. Which op runs a packed weight,
+    and in what order it takes these tensors, is declared in ``qcompile/ops`` (``bindings.py``):
+    formats know nothing of ops.
     """
 
     scheme: Scheme
@@ -200,17 +196,9 @@ class PackedWeight:
             "expected 'weight.quant_state.bitsandbytes__nf4' / '__fp4' or 'SCB' next to 'weight'"
         )
 
-    def op_tensors(self) -> dict[str, torch.Tensor | None]:
-        """The tensor arguments of the op after ``x``, in order, by name."""
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The packed tensors by name (None: absent in this configuration), all on one device."""
         raise NotImplementedError
-
-    def op_constants(self) -> tuple[Any, ...]:
-        """The non-tensor arguments of the op after ``bias`` and before ``kernels``."""
-        raise NotImplementedError
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, kernels: str = "auto") -> torch.Tensor:
-        """``F.linear(x, W, bias)`` with this quantized W, through the registered op."""
-        return self.scheme.op(x, *self.op_tensors().values(), bias, *self.op_constants(), kernels)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -288,7 +276,7 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed tensors (codes, scales, nested state, tables)."""
-        return sum(t.numel() * t.element_size() for t in self.op_tensors().values() if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
     @property
     def bits_per_weight(self) -> float:

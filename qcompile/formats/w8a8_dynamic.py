@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from qcompile.formats.per_channel_int8 import PerChannelInt8Scheme
 from qcompile.formats.scheme import register_scheme
 
@@ -17,9 +15,3 @@ class W8A8Dynamic(PerChannelInt8Scheme):
 
     kind = "w8a8_dynamic"
 
-    @property
-    def op(self) -> torch._ops.OpOverload:
-        """``torch.ops.qcompile.linear_w8a8_dynamic``."""
-        import qcompile.ops  # noqa: F401  (registers the ops; kept out of `import qcompile`)
-
-        return torch.ops.qcompile.linear_w8a8_dynamic.default

@@ -12,6 +12,8 @@ from qcompile.formats.blockwise import (
     dequantize_4bit,
     float_absmax,
 )
+from qcompile.formats.fourbit import FourBitScheme
+from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 
 # The reference linear dequantizes CHUNK_ELEMENTS weights (a band of whole rows) at a time into one
@@ -146,3 +148,12 @@ def _backward(ctx, grad):
 
 
 linear_4bit.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _arguments(p):
+    """A ``Packed4bit``'s arguments: the one place, beside SCHEMA, that lists them in order."""
+    tensors = (p.packed, p.absmax, p.code, p.nested_absmax, p.nested_code)
+    return tensors, (p.nested_offset, p.scheme.blocksize, p.shape[0], p.shape[1], p.scheme.compute_dtype)
+
+
+bind(FourBitScheme, linear_4bit, _arguments)

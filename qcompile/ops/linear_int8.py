@@ -3,7 +3,9 @@
 
 import torch
 
+from qcompile.formats.int8 import Int8
 from qcompile.formats.packed_int8 import INV_127
+from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 from qcompile.ops.int8_common import int8_matmul, int8_vectorwise_quant
 
@@ -93,3 +95,5 @@ def _backward(ctx, grad):
 
 
 linear_int8.register_autograd(_backward, setup_context=_setup_context)
+
+bind(Int8, linear_int8, lambda p: ((p.weight, p.weight_scale), (p.scheme.threshold,)))

@@ -4,6 +4,7 @@
 import torch
 import torch.nn.functional as F
 
+from qcompile.formats.int8_weight_only import Int8WeightOnly
 from qcompile.ops.per_channel_int8 import define_per_channel_int8_op, dequantize_per_channel
 
 
@@ -21,4 +22,5 @@ def linear_int8_weight_only_reference(
 linear_int8_weight_only = define_per_channel_int8_op(
     "linear_int8_weight_only", linear_int8_weight_only_reference, "int8_weight_only",
     "Linear with weight int8 [N, K] and weight_scale float32 [N] (``W = weight * scale``); x is (..., K).",
+    Int8WeightOnly,
 )

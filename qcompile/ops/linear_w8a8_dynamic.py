@@ -3,6 +3,7 @@
 
 import torch
 
+from qcompile.formats.w8a8_dynamic import W8A8Dynamic
 from qcompile.ops.int8_common import int8_matmul, quantize_per_token_asymmetric
 from qcompile.ops.per_channel_int8 import define_per_channel_int8_op
 
@@ -35,4 +36,5 @@ linear_w8a8_dynamic = define_per_channel_int8_op(
     "linear_w8a8_dynamic", linear_w8a8_dynamic_reference, "w8a8_dynamic",
     "W8A8 linear: weight int8 [N, K], weight_scale float32 [N]; x (..., K) is quantized per token at run time. "
     "The gradient is straight-through the activation quantization.",
+    W8A8Dynamic,
 )

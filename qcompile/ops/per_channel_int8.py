@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from qcompile.formats import Scheme
+from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 
 # Spelled out so that the op's argument types are fixed; the rewrite pass and codegen
@@ -26,8 +28,10 @@ def dequantize_per_channel(weight: torch.Tensor, weight_scale: torch.Tensor, dty
     return (weight.float() * weight_scale.float()[:, None]).to(dtype)
 
 
-def define_per_channel_int8_op(name: str, reference: Reference, kernel_module: str, doc: str):
-    """Register ``qcompile::<name>``; on Triton it calls ``qcompile.codegen.<kernel_module>.<name>``."""
+def define_per_channel_int8_op(name: str, reference: Reference, kernel_module: str, doc: str,
+                               scheme_type: type[Scheme]):
+    """Register ``qcompile::<name>`` and bind ``scheme_type`` to it; on Triton it calls
+    ``qcompile.codegen.<kernel_module>.<name>``."""
 
     def implementation(x, weight, weight_scale, bias, kernels):
         if x.shape[-1] != weight.shape[1]:
@@ -64,4 +68,5 @@ def define_per_channel_int8_op(name: str, reference: Reference, kernel_module: s
         return grad_x, None, None, grad_bias, None
 
     op.register_autograd(backward, setup_context=setup_context)
+    bind(scheme_type, op, lambda p: ((p.weight, p.weight_scale), ()))
     return op

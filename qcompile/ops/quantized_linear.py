@@ -21,6 +21,7 @@ import torch
 
 from qcompile.decisions import UNDECIDED, decided
 from qcompile.formats import Scheme, scheme_from_dict
+from qcompile.ops.bindings import binding, op_arguments, op_body
 from qcompile.ops.dispatch import check_kernels
 from qcompile.pack_cache import packed_weight
 
@@ -80,16 +81,7 @@ def quantized_linear(
     packed = packed_weight(weight, scheme_from_key(own), transposed, name)
     # Inside this op's own kernel: call the format op's Python body, not the op, which would cost a
     # second trip through the dispatcher (~20 us on CPU) for nothing (autograd is handled here).
-    return _body(packed.scheme.op)(x, *packed.op_tensors().values(), bias, *packed.op_constants(), kernels)
-
-
-@functools.cache
-def _body(op: torch._ops.OpOverload):
-    """The Python function a ``torch.library.custom_op`` was made from; the op itself if that is not found."""
-    from torch._library.custom_ops import OPDEFS
-
-    opdef = OPDEFS.get(op._schema.name)
-    return getattr(opdef, "_init_fn", None) or op
+    return op_body(binding(packed.scheme).op)(*op_arguments(packed, x, bias, kernels))
 
 
 @quantized_linear.register_fake

@@ -113,8 +113,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def assert_same_packed(ours, theirs, name: str) -> None:
     assert type(ours) is type(theirs) and ours.scheme == theirs.scheme and ours.shape == theirs.shape, name
-    for key, tensor in ours.op_tensors().items():
-        other = theirs.op_tensors()[key]
+    for key, tensor in ours.tensors().items():
+        other = theirs.tensors()[key]
         assert (tensor is None) == (other is None), (name, key)
         if tensor is not None:
             assert same_bytes(tensor, other), (name, key)

@@ -78,6 +78,7 @@ def call_every_wrapper() -> None:
     from qcompile.codegen.linear_4bit import linear_4bit
     from qcompile.codegen.llm_int8 import linear_int8
     from qcompile.codegen.w8a8_dynamic import w8a8_dynamic
+    from qcompile.ops import op_arguments
 
     n, k = 256, 512
     torch.manual_seed(0)
@@ -94,10 +95,9 @@ def call_every_wrapper() -> None:
         packed = qcompile.pack(w[:, :in_features], scheme)
         for m in (1, 3, 16, 64, 256):
             x = torch.randn(m, in_features, dtype=compute)
-            linear_4bit(x, *packed.op_tensors().values(), bias.to(compute) if m == 3 else None,
-                        *packed.op_constants())
+            linear_4bit(*op_arguments(packed, x, bias.to(compute) if m == 3 else None, "triton")[:-1])
     int8 = qcompile.pack(w.half(), qcompile.Int8(threshold=6.0))
-    q, scale = int8.op_tensors()["weight"], int8.op_tensors()["weight_scale"]
+    q, scale = int8.tensors()["weight"], int8.tensors()["weight_scale"]
     for dtype in (torch.float16, torch.bfloat16):
         for m in (1, 64, 256):
             x = torch.randn(m, k, dtype=dtype)

@@ -19,7 +19,7 @@ from torch.library import opcheck
 
 import qcompile
 from qcompile.formats import FP4, NF4, Int8, Int8WeightOnly, W8A8Dynamic
-from qcompile.ops import check_kernels, use_triton
+from qcompile.ops import binding, check_kernels, linear, op_arguments, use_triton
 from qcompile.ops.linear_4bit import linear_4bit_reference
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -43,7 +43,7 @@ def activations(shape, dtype=torch.float32, seed=1, outlier_cols=(3, 17)):
 
 
 def call(packed, x, bias=None, kernels="reference"):
-    return packed.scheme.op(x, *packed.op_tensors().values(), bias, *packed.op_constants(), kernels)
+    return linear(packed, x, bias, kernels)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.kind}")
@@ -52,8 +52,7 @@ def test_opcheck(scheme, x_shape, with_bias):
     packed = qcompile.pack(weight((48, 256)), scheme)
     x = activations(x_shape).requires_grad_()
     bias = torch.randn(48, requires_grad=True) if with_bias else None
-    args = (x, *packed.op_tensors().values(), bias, *packed.op_constants(), "reference")
-    opcheck(scheme.op, args)
+    opcheck(binding(scheme).op, op_arguments(packed, x, bias, "reference"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.kind}")
@@ -66,7 +65,7 @@ def test_grad_flows_to_x_and_bias_only(scheme):
     dequantized = packed.dequantize(torch.float32)
     torch.testing.assert_close(x.grad, torch.ones(4, 24) @ dequantized, rtol=1e-2, atol=1e-2)
     assert torch.equal(bias.grad, torch.full((24,), 4.0))
-    assert all(not t.requires_grad for t in packed.op_tensors().values() if t is not None)
+    assert all(not t.requires_grad for t in packed.tensors().values() if t is not None)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
@@ -149,7 +148,7 @@ def test_linear_4bit_reference_is_dequantize_then_linear():
     w = weight((32, 128), torch.bfloat16)
     packed = qcompile.pack(w, NF4(double_quant=True, compute_dtype=torch.float32))
     x = activations((3, 128), torch.bfloat16)
-    out = linear_4bit_reference(x, *packed.op_tensors().values(), None, *packed.op_constants())
+    out = linear_4bit_reference(*op_arguments(packed, x, None, "reference")[:-1])
     expected = torch.nn.functional.linear(x.float(), packed.dequantize(torch.float32)).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
@@ -170,7 +169,7 @@ def test_linear_4bit_reference_in_row_bands_equals_whole_weight(monkeypatch, dou
     real_linear = linear_4bit_module.F.linear
     monkeypatch.setattr(linear_4bit_module.F, "linear",
                         lambda x, w, b=None: bands.append(w.shape) or real_linear(x, w, b))
-    out = linear_4bit_reference(x, *packed.op_tensors().values(), bias, *packed.op_constants(), chunk_weights=1)
+    out = linear_4bit_reference(*op_arguments(packed, x, bias, "reference")[:-1], chunk_weights=1)
     assert bands == [(128, 128), (128, 128), (44, 128)]
     expected = torch.nn.functional.linear(x.to(compute_dtype), packed.dequantize(compute_dtype),
                                           bias.to(compute_dtype)).to(x_dtype)
@@ -182,7 +181,7 @@ def test_linear_4bit_reference_blocks_straddling_rows_decode_whole_weight():
     w = weight((200, 96), seed=6)  # 96 % 64 != 0: a block spans two rows, no row bands
     packed = qcompile.pack(w, NF4(double_quant=True))
     x = activations((4, 96))
-    out = linear_4bit_reference(x, *packed.op_tensors().values(), None, *packed.op_constants(), chunk_weights=1)
+    out = linear_4bit_reference(*op_arguments(packed, x, None, "reference")[:-1], chunk_weights=1)
     assert torch.equal(out, torch.nn.functional.linear(x, packed.dequantize(torch.float32)))
 
 
@@ -231,12 +230,41 @@ def test_in_features_mismatch_is_a_value_error():
         call(packed, torch.randn(2, 32))
 
 
-def test_scheme_op_properties():
-    assert NF4().op is torch.ops.qcompile.linear_4bit.default
-    assert FP4().op is torch.ops.qcompile.linear_4bit.default
-    assert Int8().op is torch.ops.qcompile.linear_int8.default
-    assert Int8WeightOnly().op is torch.ops.qcompile.linear_int8_weight_only.default
-    assert W8A8Dynamic().op is torch.ops.qcompile.linear_w8a8_dynamic.default
+def test_each_scheme_is_bound_to_its_op():
+    assert binding(NF4()).op is torch.ops.qcompile.linear_4bit.default
+    assert binding(FP4()).op is torch.ops.qcompile.linear_4bit.default
+    assert binding(Int8()).op is torch.ops.qcompile.linear_int8.default
+    assert binding(Int8WeightOnly()).op is torch.ops.qcompile.linear_int8_weight_only.default
+    assert binding(W8A8Dynamic()).op is torch.ops.qcompile.linear_w8a8_dynamic.default
+
+
+def test_a_scheme_without_an_op_is_a_clear_error():
+    import dataclasses
+
+    from qcompile.formats.scheme import Scheme
+
+    @dataclasses.dataclass(frozen=True)
+    class Unbound(Scheme):
+        kind = "unbound"
+
+    with pytest.raises(ValueError, match="'unbound': no qcompile op runs it"):
+        binding(Unbound())
+
+
+def test_formats_do_not_import_ops():
+    """Dependencies point one way: formats <- ops <- passes/backend (DESIGN.md)."""
+    import ast
+    import pathlib
+
+    formats = pathlib.Path(qcompile.__file__).parent / "formats"
+    for path in formats.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("qcompile.ops", "qcompile.passes", "qcompile.backend")), (path, name)
+            if isinstance(node, ast.Attribute) and node.attr == "qcompile":
+                assert not (isinstance(node.value, ast.Attribute) and node.value.attr == "ops"), path
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(3, 33, 7), (1, 4096, 5), (0, 16, 8)])

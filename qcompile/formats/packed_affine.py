@@ -1,0 +1,124 @@
+"""The packed form of an affine group-wise integer weight, in the GPTQ checkpoint layout.
+
+    qweight  int32 [in_features * bits / 32, out_features]   integers packed along in_features
+    qzeros   int32 [groups, out_features * bits / 32]         ``zero - 1`` packed along out_features
+    scales   float16 [groups, out_features]
+    g_idx    int32 [in_features]                              the group of each input feature
+
+(word layout: ``int32_words.py``). ``W[n, k] = (q[k, n] - zero[g, n]) * scale[g, n]`` with
+``g = g_idx[k]``, computed in float32. Schemes with float zero points (HQQ) keep ``zeros`` float16
+[groups, out_features] instead of ``qzeros``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.formats.affine import AffineScheme
+from qcompile.formats.int32_words import pack_int32, run_length, unpack_int32
+from qcompile.formats.scheme import PackedWeight
+
+
+def decode_affine(qweight: torch.Tensor, qzeros: torch.Tensor | None, zeros: torch.Tensor | None,
+                  scales: torch.Tensor, g_idx: torch.Tensor, bits: int, out_features: int,
+                  rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Output features ``rows`` of the weight, ``[len(rows), in_features]`` in ``dtype`` (float32 math).
+
+    ``qweight`` may be a slice of whole int32 runs along in_features (with ``g_idx`` sliced to match):
+    the result then holds those input features only.
+    """
+    q = unpack_int32(qweight[:, rows], bits, 0, g_idx.numel()).float()  # [k, n]
+    if qzeros is not None:
+        zero = (unpack_int32(qzeros, bits, 1, out_features)[:, rows] + 1).float()
+    else:
+        zero = zeros[:, rows].float()
+    index = g_idx.long()
+    weight_t = (q - zero[index]) * scales[:, rows].float()[index]
+    return weight_t.t().to(dtype)
+
+
+class PackedAffine(PackedWeight):
+    """An affine group-wise integer weight (``affine``, ``hqq``; GPTQ's checkpoint tensors)."""
+
+    scheme: AffineScheme
+
+    def __init__(self, scheme: AffineScheme, shape: tuple[int, int], dtype: torch.dtype, qweight: torch.Tensor,
+                 qzeros: torch.Tensor | None, zeros: torch.Tensor | None, scales: torch.Tensor,
+                 g_idx: torch.Tensor) -> None:
+        if (qzeros is None) == (zeros is None):
+            raise ValueError("exactly one of qzeros (integer zero points) and zeros (float16) is expected")
+        self.scheme = scheme
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self.qweight = qweight
+        self.qzeros = qzeros
+        self.zeros = zeros
+        self.scales = scales
+        self.g_idx = g_idx
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, scheme: AffineScheme, scale: torch.Tensor,
+                 zero: torch.Tensor) -> PackedAffine:
+        """Quantize ``weight`` [N, K] with per-group ``scale`` and ``zero`` ([N, groups], float32): the
+        integers are computed with the float16 scale (and zero) that is stored, so they agree."""
+        out_features, in_features = weight.shape
+        maxq = 2**scheme.bits - 1
+        with torch.no_grad():
+            scales = scale.t().contiguous().to(torch.float16)  # [groups, N]
+            g_idx = (torch.arange(in_features, device=weight.device) // (in_features // scales.shape[0]))
+            s = scales.float().t()[:, g_idx]  # [N, K]
+            if scheme.integer_zeros:
+                z = zero.t().contiguous().round()  # [groups, N]
+                q = torch.clamp(torch.round(weight.float() / s) + z.t()[:, g_idx], 0, maxq)
+                qzeros, zeros = pack_int32((z - 1).to(torch.int64), scheme.bits, 1), None
+            else:
+                zeros = zero.t().contiguous().to(torch.float16)
+                q = torch.clamp(torch.round(weight.float() / s + zeros.float().t()[:, g_idx]), 0, maxq)
+                qzeros = None
+            qweight = pack_int32(q.to(torch.int64).t(), scheme.bits, 0)
+        return cls(scheme, (out_features, in_features), weight.dtype, qweight, qzeros, zeros, scales,
+                   g_idx.to(torch.int32))
+
+    @classmethod
+    def from_gptq(cls, scheme: AffineScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float16) -> PackedAffine:
+        """A GPTQ checkpoint's tensors (format v1: ``qzeros`` holds ``zero - 1``), checked against ``scheme``."""
+        per_run, words = run_length(scheme.bits)
+        out_features = scales.shape[1]
+        in_features = qweight.shape[0] * per_run // words
+        expected = {"qweight": (in_features * words // per_run, out_features),
+                    "qzeros": (scales.shape[0], out_features * words // per_run),
+                    "scales": (scheme.groups(in_features), out_features)}
+        for name, tensor in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]} for {scheme}")
+        if g_idx is None:
+            g_idx = torch.arange(in_features, device=qweight.device) // (in_features // scales.shape[0])
+        return cls(scheme, (out_features, in_features), dtype, qweight.to(torch.int32), qzeros.to(torch.int32),
+                   None, scales.to(torch.float16), g_idx.to(torch.int32))
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "zeros": self.zeros, "scales": self.scales,
+                "g_idx": self.g_idx}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [N, K] weight in ``dtype`` (default: the original weight's dtype)."""
+        return decode_affine(self.qweight, self.qzeros, self.zeros, self.scales, self.g_idx, self.scheme.bits,
+                             self.shape[0], dtype=dtype or self.dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[start:stop]``, bit for bit (the arithmetic is per element)."""
+        self._check_band(start, stop, axis=0)
+        return decode_affine(self.qweight, self.qzeros, self.zeros, self.scales, self.g_idx, self.scheme.bits,
+                             self.shape[0], slice(start, stop), dtype or self.dtype)
+
+    def column_band_step(self) -> int | None:
+        return run_length(self.scheme.bits)[0]
+
+    def dequantize_cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``dequantize(dtype)[:, start:stop]`` with ``start``, ``stop`` on whole int32 runs."""
+        per_run, words = run_length(self.scheme.bits)
+        self._check_band(start, stop, axis=1, step=per_run)
+        qweight = self.qweight[start // per_run * words : -(-stop // per_run) * words]
+        return decode_affine(qweight, self.qzeros, self.zeros, self.scales, self.g_idx[start:stop],
+                             self.scheme.bits, self.shape[0], dtype=dtype or self.dtype)

@@ -1,0 +1,115 @@
+"""``qcompile::linear_affine``: F.linear with an affine group-wise integer weight (GPTQ layout; affine, hqq)."""
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.formats.affine import AffineScheme
+from qcompile.formats.blockwise import CHUNK_ELEMENTS
+from qcompile.formats.packed_affine import decode_affine
+from qcompile.ops.bindings import bind
+from qcompile.ops.dispatch import check_kernels, use_triton
+
+# As the 4-bit reference: decode a band of output features at a time (about CHUNK_ELEMENTS weights, at
+# least MIN_BAND_ROWS rows), so no float copy of the whole weight is made.
+MIN_BAND_ROWS = 128
+
+
+def linear_affine_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    out_features: int,
+    in_features: int,
+    compute_dtype: torch.dtype,
+    chunk_weights: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Dequantize to ``compute_dtype`` a band of rows at a time; ``F.linear`` in ``compute_dtype``; cast back."""
+    x_c = x.to(compute_dtype)
+    bias_c = None if bias is None else bias.to(compute_dtype)
+    rows = max(MIN_BAND_ROWS, chunk_weights // in_features)
+    out = x_c.new_empty((*x.shape[:-1], out_features))
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, slice(start, stop),
+                               compute_dtype)
+        out[..., start:stop] = F.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
+    return out.to(x.dtype)
+
+
+SCHEMA = (
+    "(Tensor x, Tensor qweight, Tensor? qzeros, Tensor? zeros, Tensor scales, Tensor g_idx, Tensor? bias, "
+    "int bits, int out_features, int in_features, ScalarType compute_dtype, str kernels) -> Tensor"
+)
+
+
+@torch.library.custom_op("qcompile::linear_affine", mutates_args=(), schema=SCHEMA)
+def linear_affine(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    out_features: int,
+    in_features: int,
+    compute_dtype: torch.dtype,
+    kernels: str,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for an affine group-wise W [out_features, in_features] (``formats/packed_affine.py``).
+
+    No Triton kernel runs this format yet: "auto" uses the torch reference on every device, and
+    "triton" is refused with a ValueError.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match in_features {in_features}")
+    if use_triton(kernels, x) and kernels == "triton":
+        raise ValueError("kernels: 'triton' has no kernel for affine weights yet; use 'auto' or 'reference'")
+    return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features,
+                                   compute_dtype)
+
+
+@linear_affine.register_fake
+def _(x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features, compute_dtype, kernels):
+    check_kernels(kernels)
+    torch._check(x.shape[-1] == in_features, lambda: f"x: last dimension does not match in_features {in_features}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features, compute_dtype, _ = inputs
+    ctx.save_for_backward(qweight, qzeros, zeros, scales, g_idx)
+    ctx.constants = (bits, out_features, compute_dtype)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    # The quantized weight is frozen: only x and bias get gradients.
+    qweight, qzeros, zeros, scales, g_idx = ctx.saved_tensors
+    bits, out_features, compute_dtype = ctx.constants
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, dtype=compute_dtype)
+        grad_x = (grad.to(compute_dtype) @ weight).to(ctx.x_dtype)
+    if ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None
+
+
+linear_affine.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _arguments(p):
+    """A ``PackedAffine``'s arguments, in the order of SCHEMA."""
+    tensors = (p.qweight, p.qzeros, p.zeros, p.scales, p.g_idx)
+    return tensors, (p.scheme.bits, p.shape[0], p.shape[1], p.scheme.compute_dtype)
+
+
+bind(AffineScheme, linear_affine, _arguments)
