@@ -19,6 +19,8 @@ _EXPORTS = {
     "FP4": "qcompile.formats",
     "Affine": "qcompile.formats",
     "HQQ": "qcompile.formats",
+    "GPTQ": "qcompile.formats",
+    "calibrate": "qcompile.calibration",
     "Int8": "qcompile.formats",
     "Int8WeightOnly": "qcompile.formats",
     "W8A8Dynamic": "qcompile.formats",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ class QuantizeResult:
 
 
 @dataclasses.dataclass
-class _Target:
+class PlannedWeight:
     """One planned weight: its module(s), name, scheme and whether it is stored (in, out)."""
 
     name: str
@@ -92,7 +92,7 @@ def quantize(
     target = torch.device(device) if device is not None else None
     if checkpoint is not None and callable(getattr(model, "tie_weights", None)):
         model.tie_weights()  # as from_pretrained does: a tied head is saved once, under the embedding's name
-    targets = _targets(model, cfg)
+    targets = planned_targets(model, cfg)
     if checkpoint is None:
         meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
         if meta:
@@ -103,11 +103,7 @@ def quantize(
             _move_rest(model, targets, target, adopted)
     else:
         packed = _load_and_pack(model, targets, Path(checkpoint), target)
-    policy = FallbackPolicy("error")
-    for t in targets.values():
-        if not t.keep_float:
-            for module in t.owners:
-                guard(module, t.name, t.parameter, policy, released=True)
+    guard_packed(targets.values())
     kept = tuple(t.name for t in targets.values() if t.keep_float)
     if kept:
         log.info("qcompile.quantize: %d weights packed but kept float, read in float elsewhere (e.g. %s)",
@@ -115,11 +111,11 @@ def quantize(
     return QuantizeResult(tuple(targets), kept, sum(p.nbytes for p in packed), tuple(adopted), cfg)
 
 
-def _targets(model: nn.Module, cfg: QuantConfig) -> dict[str, _Target]:
-    """The planned weights, by primary name (once per parameter)."""
+def planned_targets(model: nn.Module, cfg: QuantConfig) -> dict[str, PlannedWeight]:
+    """The weights ``cfg`` quantizes in ``model`` (LoRA adapters never), by primary name, once per parameter."""
     aliases = parameter_aliases(model)
-    out: dict[str, _Target] = {}
-    seen: dict[int, _Target] = {}
+    out: dict[str, PlannedWeight] = {}
+    seen: dict[int, PlannedWeight] = {}
     for module, name, weight, scheme in linear_decisions(model, cfg, include_meta=True):
         if scheme is None or ADAPTER_MARK in f".{name}":
             continue
@@ -134,25 +130,40 @@ def _targets(model: nn.Module, cfg: QuantConfig) -> dict[str, _Target]:
                              "another config")
         names = WeightNames(tuple(aliases.get(id(weight), [name])), model)
         transposed = not isinstance(module, nn.Linear)  # transformers' Conv1D stores (in, out)
-        seen[id(weight)] = out[name] = _Target(name, weight, [module], scheme, transposed,
+        seen[id(weight)] = out[name] = PlannedWeight(name, weight, [module], scheme, transposed,
                                                keep_float=float_reader(names) is not None)
     return out
 
 
-def _pack(target: _Target, data: torch.Tensor, device: torch.device | None, mapped: bool = False) -> PackedWeight:
+def _pack(target: PlannedWeight, data: torch.Tensor, device: torch.device | None, mapped: bool = False) -> PackedWeight:
     """Pack ``data`` (the weight's values) on ``device`` and install it as the weight's packed form.
     ``mapped``: ``data`` lives in a memory-mapped file, so a float copy that is kept must be copied out."""
     with torch.no_grad():
         on_device = data.to(device=device or data.device, dtype=target.parameter.dtype,
                             copy=mapped and target.keep_float)
         packed = target.scheme.pack(on_device.t() if target.transposed else on_device, name=target.name)
-    adopt_packed(target.parameter, target.scheme, target.transposed, packed,
-                 float_data=on_device if target.keep_float else None)
-    target.parameter.requires_grad_(False)
+    install_packed(target, packed, on_device)
     return packed
 
 
-def _move_rest(model: nn.Module, targets: dict[str, _Target], device: torch.device, adopted: list[str]) -> None:
+def install_packed(target: PlannedWeight, packed: PackedWeight, float_data: torch.Tensor) -> None:
+    """Make ``packed`` the weight's packed form and drop its float data (unless it is read in float elsewhere:
+    then it becomes ``float_data``); freeze it."""
+    adopt_packed(target.parameter, target.scheme, target.transposed, packed,
+                 float_data=float_data if target.keep_float else None)
+    target.parameter.requires_grad_(False)
+
+
+def guard_packed(targets: Iterable[PlannedWeight]) -> None:
+    """Make every released weight's modules raise when run outside a qcompile graph (no float data left)."""
+    policy = FallbackPolicy("error")
+    for t in targets:
+        if not t.keep_float:
+            for module in t.owners:
+                guard(module, t.name, t.parameter, policy, released=True)
+
+
+def _move_rest(model: nn.Module, targets: dict[str, PlannedWeight], device: torch.device, adopted: list[str]) -> None:
     """Move every parameter and buffer that was not packed to ``device`` (one at a time, keeping ties)."""
     elsewhere = [name for name in adopted if model.get_parameter(name).device != device]
     if elsewhere:
@@ -219,13 +230,13 @@ def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def _load_and_pack(model: nn.Module, targets: dict[str, _Target], checkpoint: Path,
+def _load_and_pack(model: nn.Module, targets: dict[str, PlannedWeight], checkpoint: Path,
                    device: torch.device | None) -> list[PackedWeight]:
     """Stream the checkpoint into ``model``: planned weights packed as they arrive, the rest assigned."""
     device = device or torch.device("cpu")
     files = _shards(checkpoint)
     _check_matches(model, _shapes(files), checkpoint)
-    by_name: dict[str, _Target] = {}
+    by_name: dict[str, PlannedWeight] = {}
     for t in targets.values():
         for alias in parameter_aliases(model).get(id(t.parameter), [t.name]):
             by_name[alias] = t

@@ -2,6 +2,7 @@
 
 from qcompile.formats.affine import Affine, AffineScheme
 from qcompile.formats.fp4 import FP4
+from qcompile.formats.gptq import GPTQ
 from qcompile.formats.hqq import HQQ
 from qcompile.formats.int8 import Int8
 from qcompile.formats.int8_weight_only import Int8WeightOnly
@@ -19,6 +20,7 @@ __all__ = [
     "AffineScheme",
     "PackedAffine",
     "FP4",
+    "GPTQ",
     "HQQ",
     "NF4",
     "Int8",

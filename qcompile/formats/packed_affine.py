@@ -80,6 +80,18 @@ class PackedAffine(PackedWeight):
                    g_idx.to(torch.int32))
 
     @classmethod
+    def from_integers(cls, scheme: AffineScheme, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      g_idx: torch.Tensor, dtype: torch.dtype) -> PackedAffine:
+        """Pack integers ``q`` [N, K] in ``[0, 2**bits)`` with their groups' ``scale`` (stored float16) and
+        integer ``zero`` ([N, groups]) and each input feature's group ``g_idx`` [K] (GPTQ's act-order
+        permutes it)."""
+        out_features, in_features = q.shape
+        qweight = pack_int32(q.to(torch.int64).t(), scheme.bits, 0)
+        qzeros = pack_int32((zero.t().round() - 1).to(torch.int64), scheme.bits, 1)
+        return cls(scheme, (out_features, in_features), dtype, qweight, qzeros, None,
+                   scale.t().contiguous().to(torch.float16), g_idx.to(torch.int32))
+
+    @classmethod
     def from_gptq(cls, scheme: AffineScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                   g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float16) -> PackedAffine:
         """A GPTQ checkpoint's tensors (format v1: ``qzeros`` holds ``zero - 1``), checked against ``scheme``."""

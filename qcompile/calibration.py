@@ -1,0 +1,172 @@
+"""``qcompile.calibrate``: quantize with methods that learn from data (GPTQ), through the compiled graph.
+
+    config = qcompile.calibrate(model, batches, {"format": "qcompile", "version": 1,
+                                                 "default": {"type": "gptq", "bits": 4, "group_size": 128}})
+    model.forward = torch.compile(model.forward, backend="qcompile", options={"config": config})
+
+``batches`` is an iterable; each item is one forward call's input: a tensor (``model(t)``), a tuple
+(``model(*t)``) or a dict of keyword arguments (``model(**d)``). The model is compiled with a pass that
+observes the input of every linear whose scheme needs calibration (``passes/observe_linear.py``:
+GPTQ accumulates ``X^T X``, the Hessian of its layer-wise error), the batches are run, and each such
+weight is quantized from what was recorded. With ``sequential=True`` (the default, as GPTQ does) this
+goes in stages, in the order the model runs its linears, linears that read one input together (q, k,
+v): a stage's Hessians are recorded with every earlier stage already quantized, so each layer corrects
+the error of those before it. That runs the batches once per stage; ``sequential=False`` runs them
+once and quantizes every layer from the float model's inputs (faster, a little less accurate).
+
+Every planned weight is then packed ahead, as :func:`qcompile.quantize` does (schemes without
+calibration are packed from the weight): the float data is released and the backend, compiled with
+the returned config, runs the packed forms. Progress goes to stderr, one line per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qcompile import config as config_module
+from qcompile.config import QuantConfig
+from qcompile.passes.observe_linear import observe_linears
+from qcompile.passes.sites import find_linear_sites
+from qcompile.quantize_model import PlannedWeight, guard_packed, install_packed, planned_targets
+
+log = logging.getLogger("qcompile")
+
+
+class _Recorder:
+    """What calibration observes: per wanted weight, ``X^T X`` of its inputs; in the discovery run, the
+    order in which the model reads them and which read the same input."""
+
+    def __init__(self, targets: Mapping[int, PlannedWeight]) -> None:
+        self.targets = targets
+        self.active: set[int] = set()
+        self.hessians: dict[int, torch.Tensor] = {}
+        self.discovering = False
+        self.order: list[tuple[int, str]] = []  # (weight id, its input's graph node)
+
+    def wanted(self, parameter: torch.Tensor) -> bool:
+        return id(parameter) in self.targets
+
+    def observe(self, x: torch.Tensor, weight: torch.Tensor, input_key: str) -> None:
+        key = id(weight)
+        if self.discovering:
+            self.order.append((key, input_key))
+        if key not in self.active:
+            return
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        hessian = self.hessians.get(key)
+        if hessian is None:
+            self.hessians[key] = rows.t() @ rows
+        else:
+            hessian.addmm_(rows.t(), rows)
+
+    def backend(self, cfg: QuantConfig):
+        def calibration_backend(gm: fx.GraphModule, example_inputs: list[Any]):
+            sites = find_linear_sites(gm, example_inputs)
+            observe_linears(gm, sites, self.wanted, self.observe)
+            return gm.forward
+
+        return calibration_backend
+
+    def stages(self) -> list[list[int]]:
+        """Weights in the order the model first read them, grouped by shared input (q, k and v: one stage)."""
+        stages: list[list[int]] = []
+        seen: set[int] = set()
+        last_input = None
+        for key, input_id in self.order:
+            if key in seen:
+                continue
+            seen.add(key)
+            if stages and input_id == last_input:
+                stages[-1].append(key)
+            else:
+                stages.append([key])
+            last_input = input_id
+        return stages
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: str | os.PathLike[str] | Mapping[str, Any] | QuantConfig | None = None,
+    *,
+    sequential: bool = True,
+    progress: bool = True,
+) -> QuantConfig:
+    """Quantize ``model``'s planned linears, calibrating those whose scheme needs data (see the module
+    docstring); returns the config to compile with. ``config`` as the backend's option."""
+    cfg = config_module.load(config)
+    targets = planned_targets(model, cfg)
+    calibrated = {id(t.parameter): t for t in targets.values() if t.scheme.calibration is not None}
+    if not calibrated:
+        raise ValueError("config: no scheme in it needs calibration (gptq); use qcompile.quantize(model, config)")
+    inputs = list(batches)
+    if not inputs:
+        raise ValueError("batches: empty; calibration needs at least one forward call's input")
+    recorder = _Recorder(calibrated)
+    compiled = torch.compile(model, backend=recorder.backend(cfg))
+    with torch.no_grad():
+        recorder.discovering = True
+        _run(compiled, inputs[:1])
+        recorder.discovering = False
+        stages = recorder.stages() if sequential else [[key for key, _ in recorder.order]]
+        stages = [list(dict.fromkeys(stage)) for stage in stages]
+        unseen = [t.name for key, t in calibrated.items() if key not in {k for s in stages for k in s}]
+        if unseen:
+            raise ValueError(f"{unseen[0]}: never run by the calibration batches ({len(unseen)} weights not reached); "
+                             "pass inputs that run every layer the config calibrates")
+        packed: dict[int, Any] = {}
+        start = time.perf_counter()
+        for index, stage in enumerate(stages, 1):
+            recorder.active = set(stage)
+            _run(compiled, inputs)
+            for key in stage:
+                packed[key] = _quantize(calibrated[key], recorder.hessians.pop(key))
+            if progress:
+                _progress(index, len(stages), calibrated[stage[0]].name, time.perf_counter() - start)
+        recorder.active = set()
+    for target in targets.values():
+        data = target.parameter.detach()
+        form = packed.get(id(target.parameter))
+        if form is None:
+            form = target.scheme.pack(data.t() if target.transposed else data, name=target.name)
+        install_packed(target, form, data)
+    guard_packed(targets.values())
+    return cfg
+
+
+def _run(compiled: Any, inputs: list[Any]) -> None:
+    for item in inputs:
+        if isinstance(item, Mapping):
+            compiled(**item)
+        elif isinstance(item, tuple):
+            compiled(*item)
+        else:
+            compiled(item)
+
+
+def _quantize(target: PlannedWeight, hessian: torch.Tensor):
+    """Pack the weight from its Hessian, and put the dequantized weight in its place so that later stages
+    see this layer as it will run."""
+    parameter = target.parameter
+    weight = parameter.detach().t() if target.transposed else parameter.detach()
+    packed = target.scheme.pack_calibrated(weight, hessian, name=target.name)
+    dequantized = packed.dequantize(parameter.dtype)
+    with torch.no_grad():
+        parameter.copy_(dequantized.t() if target.transposed else dequantized)
+    return packed
+
+
+def _progress(done: int, total: int, name: str, seconds: float) -> None:
+    width = 30
+    filled = width * done // total
+    end = "\n" if done == total else ""
+    print(f"\rqcompile.calibrate [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name} {seconds:.1f} s\x1b[K",
+          end=end, file=sys.stderr, flush=True)
