@@ -11,7 +11,8 @@ Three input forms are accepted, recognised by their keys:
                  {"match": "*.mlp.down_proj", "scheme": {"type": "int8", "threshold": 6.0}}]}
 
 * a ``BitsAndBytesConfig`` JSON as transformers writes it (``load_in_4bit`` ...);
-* a whole transformers ``config.json`` holding such a ``quantization_config``.
+* transformers' ``quantization_config`` for GPTQ, AWQ, HQQ or quanto (``config_transformers.py``);
+* a whole transformers ``config.json`` holding one of these as ``quantization_config``.
 
 ``to_dict`` always writes qcompile's format; ``from_dict(to_dict(c)) == c``.
 """
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qcompile.config_transformers import METHODS, from_transformers
 from qcompile.dtypes import FLOAT_DTYPES, parse_dtype
 from qcompile.formats import FP4, NF4, Int8, Scheme, scheme_from_dict
 from qcompile.formats.fourbit import QUANT_STORAGE_DTYPES
@@ -179,14 +181,20 @@ class QuantConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"config: expected an object at the top level, got {type(data).__name__}")
         if "quantization_config" in data:
-            return _from_bitsandbytes(data["quantization_config"], key="quantization_config")
+            inner = data["quantization_config"]
+            if isinstance(inner, Mapping) and inner.get("quant_method") in METHODS:
+                return from_transformers(inner, key="quantization_config")
+            return _from_bitsandbytes(inner, key="quantization_config")
+        if data.get("quant_method") in METHODS:  # before qcompile's keys: AWQ's config has a "version" too
+            return from_transformers(data, key="")
         if any(k in data for k in _QCOMPILE_KEYS):
             return _from_qcompile(data)
         if any(k in _BNB_DEFAULTS for k in data):
             return _from_bitsandbytes(data, key="")
         raise ValueError(
             "config: not a recognised config; expected qcompile keys (default, rules), "
-            "BitsAndBytesConfig keys (load_in_4bit, ...) or a config.json with quantization_config"
+            "BitsAndBytesConfig keys (load_in_4bit, ...), a transformers quantization_config (quant_method gptq, "
+            "awq, hqq, quanto) or a config.json with quantization_config"
         )
 
     def to_dict(self) -> dict[str, Any]:

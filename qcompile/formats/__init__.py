@@ -10,6 +10,7 @@ from qcompile.formats.nf4 import NF4
 from qcompile.formats.packed4bit import Packed4bit
 from qcompile.formats.packed_affine import PackedAffine
 from qcompile.formats.packed_int8 import PackedInt8, PackedInt8PerChannel
+from qcompile.formats.quanto import Quanto
 from qcompile.formats.scheme import PackedWeight, Scheme, scheme_from_dict
 from qcompile.formats.w8a8_dynamic import W8A8Dynamic
 
@@ -30,6 +31,7 @@ __all__ = [
     "Packed4bit",
     "PackedInt8",
     "PackedInt8PerChannel",
+    "Quanto",
     "Scheme",
     "scheme_from_dict",
 ]
