@@ -20,6 +20,7 @@ _EXPORTS = {
     "Affine": "qcompile.formats",
     "HQQ": "qcompile.formats",
     "GPTQ": "qcompile.formats",
+    "AWQ": "qcompile.formats",
     "calibrate": "qcompile.calibration",
     "Int8": "qcompile.formats",
     "Int8WeightOnly": "qcompile.formats",

@@ -6,9 +6,10 @@
 
 ``batches`` is an iterable; each item is one forward call's input: a tensor (``model(t)``), a tuple
 (``model(*t)``) or a dict of keyword arguments (``model(**d)``). The model is compiled with a pass that
-observes the input of every linear whose scheme needs calibration (``passes/observe_linear.py``:
-GPTQ accumulates ``X^T X``, the Hessian of its layer-wise error), the batches are run, and each such
-weight is quantized from what was recorded. With ``sequential=True`` (the default, as GPTQ does) this
+observes the input of every linear whose scheme needs calibration (``passes/observe_linear.py``;
+``formats/observations.py``: GPTQ accumulates ``X^T X``, the Hessian of its layer-wise error, AWQ the
+mean |x| per input feature and a sample of input rows), the batches are run, and each such weight is
+quantized from what was recorded. With ``sequential=True`` (the default, as GPTQ does) this
 goes in stages, in the order the model runs its linears, linears that read one input together (q, k,
 v): a stage's Hessians are recorded with every earlier stage already quantized, so each layer corrects
 the error of those before it. That runs the batches once per stage; ``sequential=False`` runs them
@@ -33,6 +34,7 @@ from torch import fx, nn
 
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
+from qcompile.formats.observations import Observations
 from qcompile.passes.observe_linear import observe_linears
 from qcompile.passes.sites import find_linear_sites
 from qcompile.quantize_model import PlannedWeight, guard_packed, install_packed, planned_targets
@@ -41,13 +43,13 @@ log = logging.getLogger("qcompile")
 
 
 class _Recorder:
-    """What calibration observes: per wanted weight, ``X^T X`` of its inputs; in the discovery run, the
-    order in which the model reads them and which read the same input."""
+    """What calibration observes: per wanted weight, what its scheme needs of its inputs; in the discovery
+    run, the order in which the model reads them and which read the same input."""
 
     def __init__(self, targets: Mapping[int, PlannedWeight]) -> None:
         self.targets = targets
         self.active: set[int] = set()
-        self.hessians: dict[int, torch.Tensor] = {}
+        self.observations: dict[int, Observations] = {}
         self.discovering = False
         self.order: list[tuple[int, str]] = []  # (weight id, its input's graph node)
 
@@ -60,12 +62,9 @@ class _Recorder:
             self.order.append((key, input_key))
         if key not in self.active:
             return
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        hessian = self.hessians.get(key)
-        if hessian is None:
-            self.hessians[key] = rows.t() @ rows
-        else:
-            hessian.addmm_(rows.t(), rows)
+        if key not in self.observations:
+            self.observations[key] = Observations(self.targets[key].scheme.calibration)
+        self.observations[key].add(x)
 
     def backend(self, cfg: QuantConfig):
         def calibration_backend(gm: fx.GraphModule, example_inputs: list[Any]):
@@ -106,7 +105,7 @@ def calibrate(
     targets = planned_targets(model, cfg)
     calibrated = {id(t.parameter): t for t in targets.values() if t.scheme.calibration is not None}
     if not calibrated:
-        raise ValueError("config: no scheme in it needs calibration (gptq); use qcompile.quantize(model, config)")
+        raise ValueError("config: no scheme in it needs calibration (gptq, awq); use qcompile.quantize(model, config)")
     inputs = list(batches)
     if not inputs:
         raise ValueError("batches: empty; calibration needs at least one forward call's input")
@@ -128,7 +127,7 @@ def calibrate(
             recorder.active = set(stage)
             _run(compiled, inputs)
             for key in stage:
-                packed[key] = _quantize(calibrated[key], recorder.hessians.pop(key))
+                packed[key] = _quantize(calibrated[key], recorder.observations.pop(key))
             if progress:
                 _progress(index, len(stages), calibrated[stage[0]].name, time.perf_counter() - start)
         recorder.active = set()
@@ -152,12 +151,12 @@ def _run(compiled: Any, inputs: list[Any]) -> None:
             compiled(item)
 
 
-def _quantize(target: PlannedWeight, hessian: torch.Tensor):
-    """Pack the weight from its Hessian, and put the dequantized weight in its place so that later stages
-    see this layer as it will run."""
+def _quantize(target: PlannedWeight, observations: Observations):
+    """Pack the weight from what was observed, and put the dequantized weight in its place so that later
+    stages see this layer as it will run."""
     parameter = target.parameter
     weight = parameter.detach().t() if target.transposed else parameter.detach()
-    packed = target.scheme.pack_calibrated(weight, hessian, name=target.name)
+    packed = target.scheme.pack_calibrated(weight, observations, name=target.name)
     dequantized = packed.dequantize(parameter.dtype)
     with torch.no_grad():
         parameter.copy_(dequantized.t() if target.transposed else dequantized)

@@ -1,6 +1,7 @@
 """Quantization formats. Each file defines one scheme and registers it."""
 
 from qcompile.formats.affine import Affine, AffineScheme
+from qcompile.formats.awq import AWQ
 from qcompile.formats.fp4 import FP4
 from qcompile.formats.gptq import GPTQ
 from qcompile.formats.hqq import HQQ
@@ -17,6 +18,7 @@ from qcompile.formats.w8a8_dynamic import W8A8Dynamic
 # `pack` lives in qcompile.formats.pack (exported as qcompile.pack); it is not re-exported
 # here so that the name keeps meaning the submodule.
 __all__ = [
+    "AWQ",
     "Affine",
     "AffineScheme",
     "PackedAffine",

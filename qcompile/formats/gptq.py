@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from qcompile.formats.affine import AffineScheme, round_to_nearest_params
+from qcompile.formats.observations import Observations
 from qcompile.formats.scheme import check_type, register_scheme
 
 # Columns solved before the rest of W is updated (AutoGPTQ's blocksize); a multiple of the group size.
@@ -64,14 +65,16 @@ class GPTQ(AffineScheme):
         raise ValueError(f"{name}: gptq needs calibration data (the Hessian of the layer's inputs): quantize with "
                          "qcompile.calibrate(model, batches, config) before compiling")
 
-    def pack_calibrated(self, weight: torch.Tensor, hessian: torch.Tensor, name: str = "weight"):
-        """Quantize ``weight`` [N, K] given ``hessian`` [K, K] (any positive multiple of X^T X)."""
+    def pack_calibrated(self, weight: torch.Tensor, observations: Observations, name: str = "weight"):
+        """Quantize ``weight`` [N, K] given the recorded ``observations.hessian`` [K, K] (X^T X)."""
         from qcompile.formats.packed_affine import PackedAffine
 
         reason = self.unsupported_reason(tuple(weight.shape), weight.dtype)
         if reason is not None:
             raise ValueError(f"{name}: cannot pack with gptq: {reason}")
-        q, scale, zero, g_idx = solve(weight.detach().float(), hessian.float(), self, name)
+        if observations.hessian is None:
+            raise ValueError(f"{name}: no inputs were recorded for it; gptq needs the Hessian of its inputs")
+        q, scale, zero, g_idx = solve(weight.detach().float(), observations.hessian.float(), self, name)
         return PackedAffine.from_integers(self, q, scale, zero, g_idx, weight.dtype)
 
 

@@ -7,7 +7,9 @@
 
 (word layout: ``int32_words.py``). ``W[n, k] = (q[k, n] - zero[g, n]) * scale[g, n]`` with
 ``g = g_idx[k]``, computed in float32. Schemes with float zero points (HQQ) keep ``zeros`` float16
-[groups, out_features] instead of ``qzeros``.
+[groups, out_features] instead of ``qzeros``. AWQ quantizes ``W * s`` (s per input feature) and keeps
+``input_scale = 1 / s`` float32 [in_features]: ``W[n, k]`` is then the above times ``input_scale[k]``
+(``x / s`` against the quantized ``W * s``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from qcompile.formats.scheme import PackedWeight
 
 def decode_affine(qweight: torch.Tensor, qzeros: torch.Tensor | None, zeros: torch.Tensor | None,
                   scales: torch.Tensor, g_idx: torch.Tensor, bits: int, out_features: int,
-                  rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  rows: slice = slice(None), dtype: torch.dtype = torch.float32,
+                  input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Output features ``rows`` of the weight, ``[len(rows), in_features]`` in ``dtype`` (float32 math).
 
-    ``qweight`` may be a slice of whole int32 runs along in_features (with ``g_idx`` sliced to match):
-    the result then holds those input features only.
+    ``qweight`` may be a slice of whole int32 runs along in_features (with ``g_idx`` and ``input_scale``
+    sliced to match): the result then holds those input features only.
     """
     q = unpack_int32(qweight[:, rows], bits, 0, g_idx.numel()).float()  # [k, n]
     if qzeros is not None:
@@ -34,6 +37,8 @@ def decode_affine(qweight: torch.Tensor, qzeros: torch.Tensor | None, zeros: tor
         zero = zeros[:, rows].float()
     index = g_idx.long()
     weight_t = (q - zero[index]) * scales[:, rows].float()[index]
+    if input_scale is not None:
+        weight_t = weight_t * input_scale.float()[:, None]
     return weight_t.t().to(dtype)
 
 
@@ -44,7 +49,7 @@ class PackedAffine(PackedWeight):
 
     def __init__(self, scheme: AffineScheme, shape: tuple[int, int], dtype: torch.dtype, qweight: torch.Tensor,
                  qzeros: torch.Tensor | None, zeros: torch.Tensor | None, scales: torch.Tensor,
-                 g_idx: torch.Tensor) -> None:
+                 g_idx: torch.Tensor, input_scale: torch.Tensor | None = None) -> None:
         if (qzeros is None) == (zeros is None):
             raise ValueError("exactly one of qzeros (integer zero points) and zeros (float16) is expected")
         self.scheme = scheme
@@ -55,6 +60,7 @@ class PackedAffine(PackedWeight):
         self.zeros = zeros
         self.scales = scales
         self.g_idx = g_idx
+        self.input_scale = input_scale
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, scheme: AffineScheme, scale: torch.Tensor,
@@ -109,20 +115,42 @@ class PackedAffine(PackedWeight):
         return cls(scheme, (out_features, in_features), dtype, qweight.to(torch.int32), qzeros.to(torch.int32),
                    None, scales.to(torch.float16), g_idx.to(torch.int32))
 
+    @classmethod
+    def from_awq(cls, scheme: AffineScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 dtype: torch.dtype = torch.float16) -> PackedAffine:
+        """An AutoAWQ GEMM checkpoint's tensors (4-bit): ``qweight`` int32 [K, N / 8] and ``qzeros`` int32
+        [groups, N / 8], packed along out_features with AWQ's interleave (nibble ``i`` of a word holds column
+        ``AWQ_ORDER[i]`` of its 8), ``scales`` float16 [groups, N]; zero points as they are (no ``- 1``).
+        Repacked into GPTQ's layout, the zero points as float16 (exact: a zero of 0, which GPTQ's layout
+        cannot hold, is common in AWQ checkpoints)."""
+        if scheme.bits != 4:
+            raise ValueError(f"awq checkpoints hold 4-bit weights; the scheme has bits={scheme.bits}")
+        in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+        groups = scheme.groups(in_features)
+        expected = {"qzeros": (groups, out_features // 8), "scales": (groups, out_features)}
+        for name, tensor in (("qzeros", qzeros), ("scales", scales)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]} for {scheme}")
+        q = _unpack_awq(qweight)  # [K, N]
+        zeros = _unpack_awq(qzeros).to(torch.float16)  # [groups, N]
+        g_idx = torch.arange(in_features, device=qweight.device) // (in_features // groups)
+        return cls(scheme, (out_features, in_features), dtype, pack_int32(q.to(torch.int64), 4, 0), None, zeros,
+                   scales.to(torch.float16), g_idx.to(torch.int32))
+
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"qweight": self.qweight, "qzeros": self.qzeros, "zeros": self.zeros, "scales": self.scales,
-                "g_idx": self.g_idx}
+                "g_idx": self.g_idx, "input_scale": self.input_scale}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [N, K] weight in ``dtype`` (default: the original weight's dtype)."""
         return decode_affine(self.qweight, self.qzeros, self.zeros, self.scales, self.g_idx, self.scheme.bits,
-                             self.shape[0], dtype=dtype or self.dtype)
+                             self.shape[0], dtype=dtype or self.dtype, input_scale=self.input_scale)
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``dequantize(dtype)[start:stop]``, bit for bit (the arithmetic is per element)."""
         self._check_band(start, stop, axis=0)
         return decode_affine(self.qweight, self.qzeros, self.zeros, self.scales, self.g_idx, self.scheme.bits,
-                             self.shape[0], slice(start, stop), dtype or self.dtype)
+                             self.shape[0], slice(start, stop), dtype or self.dtype, self.input_scale)
 
     def column_band_step(self) -> int | None:
         return run_length(self.scheme.bits)[0]
@@ -132,5 +160,18 @@ class PackedAffine(PackedWeight):
         per_run, words = run_length(self.scheme.bits)
         self._check_band(start, stop, axis=1, step=per_run)
         qweight = self.qweight[start // per_run * words : -(-stop // per_run) * words]
+        input_scale = None if self.input_scale is None else self.input_scale[start:stop]
         return decode_affine(qweight, self.qzeros, self.zeros, self.scales, self.g_idx[start:stop],
-                             self.scheme.bits, self.shape[0], dtype=dtype or self.dtype)
+                             self.scheme.bits, self.shape[0], dtype=dtype or self.dtype, input_scale=input_scale)
+
+
+# AutoAWQ's GEMM interleave: nibble i of a word holds column AWQ_ORDER[i] of the word's 8 columns.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, cols / 8] in AWQ's interleaved 4-bit layout -> int32 [rows, cols]."""
+    nibbles = torch.stack([(words.to(torch.int64) >> (4 * i)) & 0xF for i in range(8)], -1)  # [rows, words, 8]
+    columns = torch.empty_like(nibbles)
+    columns[..., list(AWQ_ORDER)] = nibbles
+    return columns.reshape(words.shape[0], -1).to(torch.int32)

@@ -77,8 +77,8 @@ class Scheme:
     """Base of all quantization schemes. Subclasses are frozen dataclasses."""
 
     kind: ClassVar[str] = ""
-    # What a scheme needs recorded from calibration data before it can pack (``"hessian"``: X^T X of the
-    # linear's inputs, GPTQ); None: it packs from the weight alone. See :func:`qcompile.calibrate`.
+    # What a scheme needs recorded from calibration data before it can pack (``formats/observations.py``:
+    # ``"hessian"`` for GPTQ, ``"activations"`` for AWQ); None: it packs from the weight alone.
     calibration: ClassVar[str | None] = None
     # Fields holding a torch.dtype; they are written to configs by name.
     dtype_fields: ClassVar[Mapping[str, tuple[torch.dtype, ...]]] = {}

@@ -21,6 +21,7 @@ def linear_affine_reference(
     zeros: torch.Tensor | None,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
+    input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
     out_features: int,
@@ -36,13 +37,14 @@ def linear_affine_reference(
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, slice(start, stop),
-                               compute_dtype)
+                               compute_dtype, input_scale)
         out[..., start:stop] = F.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
     return out.to(x.dtype)
 
 
 SCHEMA = (
-    "(Tensor x, Tensor qweight, Tensor? qzeros, Tensor? zeros, Tensor scales, Tensor g_idx, Tensor? bias, "
+    "(Tensor x, Tensor qweight, Tensor? qzeros, Tensor? zeros, Tensor scales, Tensor g_idx, Tensor? input_scale, "
+    "Tensor? bias, "
     "int bits, int out_features, int in_features, ScalarType compute_dtype, str kernels) -> Tensor"
 )
 
@@ -55,6 +57,7 @@ def linear_affine(
     zeros: torch.Tensor | None,
     scales: torch.Tensor,
     g_idx: torch.Tensor,
+    input_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
     out_features: int,
@@ -71,20 +74,21 @@ def linear_affine(
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match in_features {in_features}")
     if use_triton(kernels, x) and kernels == "triton":
         raise ValueError("kernels: 'triton' has no kernel for affine weights yet; use 'auto' or 'reference'")
-    return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features,
-                                   compute_dtype)
+    return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features,
+                                   in_features, compute_dtype)
 
 
 @linear_affine.register_fake
-def _(x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features, compute_dtype, kernels):
+def _(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features, in_features, compute_dtype,
+      kernels):
     check_kernels(kernels)
     torch._check(x.shape[-1] == in_features, lambda: f"x: last dimension does not match in_features {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, qweight, qzeros, zeros, scales, g_idx, bias, bits, out_features, in_features, compute_dtype, _ = inputs
-    ctx.save_for_backward(qweight, qzeros, zeros, scales, g_idx)
+    x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features, _, compute_dtype, _ = inputs
+    ctx.save_for_backward(qweight, qzeros, zeros, scales, g_idx, input_scale)
     ctx.constants = (bits, out_features, compute_dtype)
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -92,15 +96,16 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     # The quantized weight is frozen: only x and bias get gradients.
-    qweight, qzeros, zeros, scales, g_idx = ctx.saved_tensors
+    qweight, qzeros, zeros, scales, g_idx, input_scale = ctx.saved_tensors
     bits, out_features, compute_dtype = ctx.constants
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, dtype=compute_dtype)
+        weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, dtype=compute_dtype,
+                               input_scale=input_scale)
         grad_x = (grad.to(compute_dtype) @ weight).to(ctx.x_dtype)
-    if ctx.needs_input_grad[6]:
+    if ctx.needs_input_grad[7]:
         grad_bias = grad.reshape(-1, out_features).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 linear_affine.register_autograd(_backward, setup_context=_setup_context)
@@ -108,7 +113,7 @@ linear_affine.register_autograd(_backward, setup_context=_setup_context)
 
 def _arguments(p):
     """A ``PackedAffine``'s arguments, in the order of SCHEMA."""
-    tensors = (p.qweight, p.qzeros, p.zeros, p.scales, p.g_idx)
+    tensors = (p.qweight, p.qzeros, p.zeros, p.scales, p.g_idx, p.input_scale)
     return tensors, (p.scheme.bits, p.shape[0], p.shape[1], p.scheme.compute_dtype)
 
 

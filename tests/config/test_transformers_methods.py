@@ -7,7 +7,7 @@ import torch
 
 import qcompile
 from qcompile import QuantConfig
-from qcompile.formats import GPTQ, HQQ, Int8WeightOnly, Quanto
+from qcompile.formats import AWQ, GPTQ, HQQ, Int8WeightOnly, Quanto
 
 # As AutoGPTQ writes quantize_config.json / transformers' config.json for a GPTQ checkpoint.
 AUTOGPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": True,
@@ -46,6 +46,12 @@ def test_hqq_config_nested_and_flat():
     assert nested.default == HQQ(bits=3, group_size=64) and nested.scheme_for("lm_head")[0] is None
     flat = QuantConfig.from_dict({"quant_method": "hqq", "nbits": 4, "group_size": 32, "axis": 1, "optimize": False})
     assert flat.default == HQQ(bits=4, group_size=32, iters=0)
+
+
+def test_awq_config_loads_verbatim():
+    config = QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                    "version": "gemm", "modules_to_not_convert": None})
+    assert config.default == AWQ(bits=4, group_size=128) and config.scheme_for("lm_head")[0] is None
 
 
 def test_quanto_weights_map_to_their_schemes():

@@ -7,6 +7,7 @@ import qcompile
 from qcompile.formats import GPTQ, Affine
 from qcompile.formats.gptq import solve
 from qcompile.formats.int32_words import unpack_int32
+from qcompile.formats.observations import Observations
 
 
 def correlated_inputs(tokens=2048, features=256, seed=0):
@@ -15,6 +16,10 @@ def correlated_inputs(tokens=2048, features=256, seed=0):
     x = torch.randn(tokens, features, generator=gen) @ mix
     x[:, :6] *= 8  # a few large input channels, as in real activations
     return x
+
+
+def hessian_of(x):
+    return Observations("hessian", rows=x.shape[0], hessian=x.t() @ x)
 
 
 def weight(shape, seed=1):
@@ -33,7 +38,7 @@ def output_error(packed, w, x):
 def test_gptq_beats_round_to_nearest_on_the_layer_output(settings):
     x, w = correlated_inputs(), weight((128, 256))
     scheme = GPTQ(**settings)
-    gptq = scheme.pack_calibrated(w, x.t() @ x)
+    gptq = scheme.pack_calibrated(w, hessian_of(x))
     rtn = qcompile.pack(w, Affine(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym))
     assert output_error(gptq, w, x) < 0.93 * output_error(rtn, w, x)
 
@@ -53,7 +58,7 @@ def test_layout_holds_the_solved_integers():
     x, w = correlated_inputs(), weight((64, 256))
     scheme = GPTQ(group_size=64, desc_act=True, sym=False)
     q, scale, zero, g_idx = solve(w, x.t() @ x, scheme)
-    packed = scheme.pack_calibrated(w, x.t() @ x)
+    packed = scheme.pack_calibrated(w, hessian_of(x))
     assert torch.equal(unpack_int32(packed.qweight, 4, 0).t(), q.int())
     assert torch.equal(unpack_int32(packed.qzeros, 4, 1) + 1, zero.t().int())
     assert torch.equal(packed.g_idx, g_idx.int()) and torch.equal(packed.scales, scale.t().half())
@@ -64,7 +69,7 @@ def test_layout_holds_the_solved_integers():
 def test_dead_input_columns_get_zero_weight_and_no_nan():
     x, w = correlated_inputs(), weight((64, 256))
     x[:, 10] = 0  # an input feature the calibration data never sets
-    packed = GPTQ(sym=False).pack_calibrated(w, x.t() @ x)
+    packed = GPTQ(sym=False).pack_calibrated(w, hessian_of(x))
     dequantized = packed.dequantize(torch.float32)
     assert torch.isfinite(dequantized).all()
     assert dequantized[:, 10].abs().max() <= packed.scales.float().max()  # quantized zero: within one step
@@ -72,7 +77,7 @@ def test_dead_input_columns_get_zero_weight_and_no_nan():
 
 def test_singular_hessian_gets_more_damping_and_never_nan():
     x = correlated_inputs(tokens=8)  # rank 8 of 256: singular without damping
-    packed = GPTQ(damp_percent=0.001).pack_calibrated(weight((64, 256)), x.t() @ x)
+    packed = GPTQ(damp_percent=0.001).pack_calibrated(weight((64, 256)), hessian_of(x))
     assert torch.isfinite(packed.dequantize(torch.float32)).all()
 
 
