@@ -1,6 +1,6 @@
 """Triton kernels for the qcompile ops, one kernel family per module, imported lazily by the ops.
 
-* ``linear_4bit.linear_4bit``            NF4/FP4 (+ double quant) dequant+matmul: GEMV/split-K and GEMM
+* ``lowbit.linear_4bit``, ``lowbit.linear_affine``   the low-bit family (decode per format): GEMV/split-K and GEMM
 * ``int8_weight_only.int8_weight_only``  int8 weight, float activations
 * ``llm_int8.linear_int8``               LLM.int8() with outlier decomposition (and ``int8_vectorwise_quant``)
 * ``w8a8_dynamic.w8a8_dynamic``          per-token asymmetric int8 activations x int8 weights

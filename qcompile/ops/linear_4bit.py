@@ -112,7 +112,7 @@ def linear_4bit(
     args = (x, packed, absmax, code, nested_absmax, nested_code, bias, nested_offset, blocksize,
             out_features, in_features, compute_dtype)
     if use_triton(kernels, x):
-        return triton_kernel("linear_4bit", "linear_4bit")(*args)
+        return triton_kernel("lowbit", "linear_4bit")(*args)
     return linear_4bit_reference(*args)
 
 

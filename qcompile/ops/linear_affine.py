@@ -7,7 +7,7 @@ from qcompile.formats.affine import AffineScheme
 from qcompile.formats.blockwise import CHUNK_ELEMENTS
 from qcompile.formats.packed_affine import decode_affine
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, use_triton
+from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 
 # As the 4-bit reference: decode a band of output features at a time (about CHUNK_ELEMENTS weights, at
 # least MIN_BAND_ROWS rows), so no float copy of the whole weight is made.
@@ -65,15 +65,13 @@ def linear_affine(
     compute_dtype: torch.dtype,
     kernels: str,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for an affine group-wise W [out_features, in_features] (``formats/packed_affine.py``).
-
-    No Triton kernel runs this format yet: "auto" uses the torch reference on every device, and
-    "triton" is refused with a ValueError.
-    """
+    """``x @ W.T + bias`` for an affine group-wise W [out_features, in_features] (``formats/packed_affine.py``);
+    on Triton the low-bit family's affine decode (``codegen/lowbit.py``)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match in_features {in_features}")
-    if use_triton(kernels, x) and kernels == "triton":
-        raise ValueError("kernels: 'triton' has no kernel for affine weights yet; use 'auto' or 'reference'")
+    if use_triton(kernels, x):
+        return triton_kernel("lowbit", "linear_affine")(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias,
+                                                        bits, out_features, in_features, compute_dtype)
     return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features,
                                    in_features, compute_dtype)
 

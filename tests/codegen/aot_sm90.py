@@ -75,8 +75,8 @@ def call_every_wrapper() -> None:
     """Each codegen entry point at decode and prefill sizes, in the dtypes and options it supports."""
     import qcompile
     from qcompile.codegen.int8_weight_only import int8_weight_only
-    from qcompile.codegen.linear_4bit import linear_4bit
     from qcompile.codegen.llm_int8 import linear_int8
+    from qcompile.codegen.lowbit import linear_4bit, linear_affine
     from qcompile.codegen.w8a8_dynamic import w8a8_dynamic
     from qcompile.ops import op_arguments
 
@@ -96,6 +96,19 @@ def call_every_wrapper() -> None:
         for m in (1, 3, 16, 64, 256):
             x = torch.randn(m, in_features, dtype=compute)
             linear_4bit(*op_arguments(packed, x, bias.to(compute) if m == 3 else None, "triton")[:-1])
+    # The affine decode: each bit width, packed and float16 zeros, AWQ's input scale.
+    for scheme in (qcompile.Affine(bits=2, group_size=64, compute_dtype=torch.bfloat16),
+                   qcompile.Affine(bits=3, group_size=128, compute_dtype=torch.float16),
+                   qcompile.Affine(bits=8, group_size=-1, compute_dtype=torch.float32),
+                   qcompile.HQQ(bits=4, group_size=64, compute_dtype=torch.bfloat16)):
+        packed = qcompile.pack(w, scheme)
+        for m in (1, 3, 16, 256):
+            x = torch.randn(m, k, dtype=scheme.compute_dtype)
+            linear_affine(*op_arguments(packed, x, bias.to(x.dtype) if m == 3 else None, "triton")[:-1])
+    packed = qcompile.pack(w, qcompile.Affine(bits=4, group_size=128, compute_dtype=torch.bfloat16))
+    packed.input_scale = torch.rand(k) + 0.5  # as AWQ stores it
+    for m in (1, 16, 256):
+        linear_affine(*op_arguments(packed, torch.randn(m, k, dtype=torch.bfloat16), None, "triton")[:-1])
     int8 = qcompile.pack(w.half(), qcompile.Int8(threshold=6.0))
     q, scale = int8.tensors()["weight"], int8.tensors()["weight_scale"]
     for dtype in (torch.float16, torch.bfloat16):

@@ -125,7 +125,7 @@ def test_two_processes_writing_at_once_keep_both_entries(tmp_path):
 def test_cache_is_not_touched_at_import(cache_dir):
     import importlib
 
-    import qcompile.codegen.linear_4bit as mod
+    import qcompile.codegen.lowbit as mod
 
     importlib.reload(mod)
     assert not cache_dir.exists()
@@ -227,9 +227,9 @@ def test_source_hash_covers_the_jit_helpers_a_kernel_calls(monkeypatch):
 def test_constexpr_parameters_read_postponed_annotations():
     names, required = autotune.constexpr_parameters(_fill_kernel)
     assert names == required == {"VALUE", "BLOCK_N"}
-    from qcompile.codegen.linear_4bit import linear_4bit_gemv_kernel
+    from qcompile.codegen.lowbit import lowbit_gemv_kernel
 
-    names, _ = autotune.constexpr_parameters(linear_4bit_gemv_kernel)  # `from __future__ import annotations`
+    names, _ = autotune.constexpr_parameters(lowbit_gemv_kernel)  # `from __future__ import annotations`
     assert {"STAGES", "SPLIT_K", "BLOCK_K", "ALIGNED"} <= names and "K" not in names
 
 
@@ -319,7 +319,7 @@ def _gemv_operands(n=33, k=96, blocksize=64):
 
 
 def _gemv(x, packed, absmax, code, n, k, blocksize):
-    from qcompile.codegen.linear_4bit import linear_4bit
+    from qcompile.codegen.lowbit import linear_4bit
 
     return linear_4bit(x, packed, absmax, code, None, None, None, 0.0, blocksize, n, k, torch.float32)
 
@@ -327,17 +327,17 @@ def _gemv(x, packed, absmax, code, n, k, blocksize):
 @pytest.fixture
 def tuned_in_interpreter(cache_dir, monkeypatch):
     """Tuning on (and the cache consulted) while the kernels still run in the interpreter; fresh launchers."""
-    from qcompile.codegen import linear_4bit
+    from qcompile.codegen import lowbit
 
     monkeypatch.setattr(autotune, "interpreting", lambda: False)  # INTERPRET=False: fp32 compute only
     monkeypatch.setenv("QCOMPILE_AUTOTUNE", "fast")
-    linear_4bit._tuned.cache_clear()
-    yield linear_4bit
-    linear_4bit._tuned.cache_clear()
+    lowbit._tuned.cache_clear()
+    yield lowbit
+    lowbit._tuned.cache_clear()
 
 
 def _gemv_entries():
-    return {k: v for k, v in autotune.read_cache_file(autotune.cache_path()).items() if "linear_4bit_gemv" in k}
+    return {k: v for k, v in autotune.read_cache_file(autotune.cache_path()).items() if "lowbit_gemv" in k}
 
 
 @pytest.mark.parametrize("stale", [{"drop": "STAGES"}, {"set": ("BLOCK_K", 48)}], ids=["no-STAGES", "BLOCK_K=48"])
@@ -358,7 +358,7 @@ def test_stale_gemv_entry_is_dropped_not_a_crash(tuned_in_interpreter, stale):
         bad["kwargs"][stale["set"][0]] = stale["set"][1]
     autotune.write_cache_entries(autotune.cache_path(), {key: bad})
     tuned_in_interpreter._tuned.cache_clear()  # a new process: only the disk remembers
-    with pytest.warns(UserWarning, match="dropped the cached linear_4bit_gemv config"):
+    with pytest.warns(UserWarning, match="dropped the cached lowbit_gemv config"):
         torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)
     assert _gemv_entries() == {key: good}
 

@@ -48,7 +48,7 @@ def _int8_weight(n=24, k=40):
 
 
 def _call_linear_4bit(m, variant):
-    from qcompile.codegen.linear_4bit import linear_4bit
+    from qcompile.codegen.lowbit import linear_4bit
 
     n, k, blocksize = 24, 64, 64
     gen = torch.Generator().manual_seed(4)
@@ -92,9 +92,9 @@ def _call_int8_vectorwise_quant(m):
 
 @requires_interpreter
 @pytest.mark.parametrize("call, m, kernels", [
-    (lambda m: _call_linear_4bit(m, "gemv"), 2, {"linear_4bit_gemv_kernel", "split_k_sum_kernel"}),
-    (lambda m: _call_linear_4bit(m, "gemm_split_k"), 5, {"linear_4bit_gemm_kernel"}),
-    (lambda m: _call_linear_4bit(m, "gemm"), 70, {"linear_4bit_gemm_kernel"}),
+    (lambda m: _call_linear_4bit(m, "gemv"), 2, {"lowbit_gemv_kernel", "split_k_sum_kernel"}),
+    (lambda m: _call_linear_4bit(m, "gemm_split_k"), 5, {"lowbit_gemm_kernel"}),
+    (lambda m: _call_linear_4bit(m, "gemm"), 70, {"lowbit_gemm_kernel"}),
     (_call_llm_int8, 3, {"llm_int8_quant_kernel", "llm_int8_compact_kernel", "llm_int8_gemm_kernel"}),
     (_call_llm_int8, 70, {"llm_int8_quant_kernel", "llm_int8_compact_kernel", "llm_int8_gemm_kernel"}),
     (_call_int8_vectorwise_quant, 3, {"llm_int8_quant_kernel", "llm_int8_compact_kernel"}),

@@ -26,7 +26,7 @@ def _quantize(w, quant_type, nested, blocksize):
 
 
 def _run(x, q, bias, blocksize, n, k, compute_dtype, **kw):
-    from qcompile.codegen.linear_4bit import linear_4bit
+    from qcompile.codegen.lowbit import linear_4bit
 
     dev = x.device
     move = {key: (v.to(dev) if isinstance(v, torch.Tensor) else v) for key, v in q.items()}
@@ -133,8 +133,8 @@ def test_auto_dispatch_by_m(launched):
         x = torch.randn(m, K)
         torch.testing.assert_close(_run(x, q, None, 64, N, K, torch.float32),
                                    _reference(x, q, None, 64, N, K, torch.float32), **ref.tolerance(torch.float32))
-    assert [c["kernel"] for c in launched] == ["linear_4bit_gemv", "linear_4bit_gemm_split_k",
-                                                "linear_4bit_gemm_split_k", "linear_4bit_gemm"]
+    assert [c["kernel"] for c in launched] == ["lowbit_gemv", "lowbit_gemm_split_k",
+                                                "lowbit_gemm_split_k", "lowbit_gemm"]
 
 @requires_interpreter
 def test_rows_that_split_blocks_take_the_general_path(launched):

@@ -1,10 +1,20 @@
-"""4-bit (NF4 / FP4, bitsandbytes layout) dequantize + matmul kernels.
+"""The low-bit dequantize + matmul kernel family: one GEMV, split-K and GEMM for every weight format.
 
-``y = x @ dequant(W).T + bias`` where W is [N, K] stored as bitsandbytes stores it: flattened,
-element ``i`` in byte ``i // 2`` (high nibble for even ``i``), one absmax per ``blocksize`` flat
-elements (blocks may straddle rows), the absmax optionally double-quantized (uint8 codes, a 256-entry
-code table, one fp32 scale per 256 blocks, plus a mean offset). The weight is dequantized in registers
-only; the 16-bit weight never reaches global memory.
+``y = x @ decode(W).T + bias``. The decode is a compile-time part of the kernels (``DECODE``), so each
+format is a decode function, not a copied kernel:
+
+* ``DECODE_LUT4`` (NF4 / FP4, bitsandbytes' layout): W [N, K] flattened, element ``i`` in byte ``i // 2``
+  (high nibble for even ``i``), ``code[nibble] * absmax[i // blocksize]`` (blocks may straddle rows),
+  the absmax optionally double-quantized (uint8 codes, a 256-entry code table, one fp32 scale per 256
+  blocks, plus a mean offset).
+* ``DECODE_AFFINE`` (affine, HQQ, GPTQ, AWQ, quanto: GPTQ's layout, ``formats/packed_affine.py``):
+  ``BITS``-wide integers (2, 3, 4, 8) packed along K in int32 words, ``(q - zero[g]) * scale[g]`` with
+  ``g = g_idx[k]`` (act-order permutations included), zero points packed like the integers (``- 1``
+  stored) or float16 (``ZERO_PACKED``), times an optional per-input-feature scale (AWQ).
+
+The weight is decoded in registers only; the 16-bit weight never reaches global memory. Kernel
+arguments are the same for every decode: ``w_ptr`` (the packed weight) and four metadata pointers
+``m0..m3`` whose meaning the decode gives (see :func:`linear_4bit` and :func:`linear_affine`).
 
 Three variants, dispatched on M (rows of x):
 
@@ -19,14 +29,15 @@ Three variants, dispatched on M (rows of x):
 * ``gemm`` (larger M): compute bound. Classic tiled ``tl.dot`` with grouped program order for L2
   reuse; the [BLOCK_K, BLOCK_N] weight tile is dequantized in registers right before the dot.
 
-Both have two paths, chosen per launch (ALIGNED): when K % blocksize == 0 (every LLM shape) each
+Both have two paths, chosen per launch (ALIGNED, LUT4 only for now): when K % blocksize == 0 (every LLM shape) each
 row holds whole absmax blocks, so a K step within one block needs one absmax per weight row and
 each packed byte is loaded once for its two weights, which multiply x's even and odd columns (two
 ``tl.dot`` s of depth SUB / 2 in the GEMM). Otherwise every element loads its own byte and absmax
 (the general path, not software-pipelined: its per-element staging overflowed shared memory).
 
-Numerics: ``w = (code[q] * absmax[b]).to(compute_dtype)``, ``x.to(compute_dtype)``, products and the
-sum in fp32 (fp32 compute uses IEEE dots, not TF32), bias added in fp32, result cast to x.dtype.
+Numerics: the decode in fp32 (``code[q] * absmax[b]``; ``(q - zero) * scale``), cast to compute_dtype,
+``x.to(compute_dtype)``, products and the sum in fp32 (fp32 compute uses IEEE dots, not TF32), bias
+added in fp32, result cast to x.dtype. Bit-equal decodes to the torch references in ``formats/``.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ from qcompile.codegen._tl_utils import cast, dot_f32, grouped_tile, load_tile, s
 
 FN = "linear_4bit"
 GEMV_MAX_M = 4
+DECODE_LUT4 = 0
+DECODE_AFFINE = 1
 VARIANTS = ("auto", "gemv", "gemm_split_k", "gemm")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values
 
@@ -85,6 +98,65 @@ def _dequant_4bit(
 
 
 @triton.jit
+def _field(lo_word, hi_word, shift, BITS: tl.constexpr):
+    """The BITS-wide field at bit ``shift`` of ``lo_word`` (continuing into ``hi_word`` for 3 bits)."""
+    value = lo_word.to(tl.uint32, bitcast=True) >> shift.to(tl.uint32)
+    if BITS == 3:
+        # Fields 10 and 21 of a 3-bit run straddle two words: their top bits are the next word's lowest.
+        spill = tl.where(shift > 29, 32 - shift, 0).to(tl.uint32)
+        value = value | tl.where(shift > 29, hi_word.to(tl.uint32, bitcast=True) << spill, 0)
+    return (value & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _packed_value(ptr, major, minor, minor_words, mask, BITS: tl.constexpr):
+    """Value ``major`` of the runs packed along the major axis, at minor index ``minor``: words are laid out
+    [major words, minor] with ``minor_words`` words per major word row (GPTQ's qweight: major k, minor n)."""
+    RUN: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1
+    bit = (major % RUN) * BITS
+    word = (major // RUN) * WORDS + bit // 32
+    shift = bit % 32
+    lo = tl.load(ptr + word * minor_words + minor, mask=mask, other=0)
+    hi = lo
+    if BITS == 3:
+        hi = tl.load(ptr + (word + 1) * minor_words + minor, mask=mask & (shift > 29), other=0)
+    return _field(lo, hi, shift, BITS)
+
+
+@triton.jit
+def _dequant_affine(rn, rk, mask, N, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, input_scale_ptr,
+                    BITS: tl.constexpr, ZERO_PACKED: tl.constexpr, HAS_INPUT_SCALE: tl.constexpr):
+    """fp32 weights W[rn, rk] (broadcastable index tiles) of GPTQ's layout: (q - zero[g]) * scale[g]."""
+    RUN: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1
+    q = _packed_value(qweight_ptr, rk, rn, N, mask, BITS)
+    g = tl.load(g_idx_ptr + rk, mask=mask, other=0)
+    scale = tl.load(scales_ptr + g * N + rn, mask=mask, other=0.0).to(tl.float32)
+    if ZERO_PACKED:
+        # qzeros [groups, N / RUN * WORDS]: runs along n within row g; ``zero - 1`` stored.
+        zero = (_packed_value(zeros_ptr + g * (N // RUN * WORDS), rn, 0, 1, mask, BITS) + 1).to(tl.float32)
+    else:
+        zero = tl.load(zeros_ptr + g * N + rn, mask=mask, other=0.0).to(tl.float32)
+    w = (q.to(tl.float32) - zero) * scale
+    if HAS_INPUT_SCALE:
+        w = w * tl.load(input_scale_ptr + rk, mask=mask, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _decode(rn, rk, mask, N, K, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, f0, DECODE: tl.constexpr,
+            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BITS: tl.constexpr, ZERO_PACKED: tl.constexpr,
+            HAS_INPUT_SCALE: tl.constexpr):
+    """fp32 weights W[rn, rk] (broadcastable index tiles, the general path) in the format DECODE names."""
+    if DECODE == 0:  # DECODE_LUT4: m0 absmax, m1 code, m2 nested absmax, m3 nested code, f0 nested offset
+        return _dequant_4bit(rn * K + rk, mask, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, f0, BLOCKSIZE, NESTED)
+    else:  # DECODE_AFFINE: m0 scales, m1 qzeros or zeros, m2 g_idx, m3 input scale
+        return _dequant_affine(rn, rk, mask, N, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, BITS, ZERO_PACKED,
+                               HAS_INPUT_SCALE)
+
+
+@triton.jit
 def _dequant_byte_pairs(byte_index, scale, mask, packed_ptr, code_ptr, COMPUTE_DTYPE: tl.constexpr,
                         INTERPRET: tl.constexpr):
     """(even, odd) weights, in COMPUTE_DTYPE, of the bytes at ``byte_index``, each scaled by ``scale``.
@@ -111,21 +183,25 @@ def _even_odd_columns(x_ptr, rm, k_start, m_mask, k_end, stride_xm, COMPUTE_DTYP
 
 
 @triton.jit
-def linear_4bit_gemv_kernel(
+def lowbit_gemv_kernel(
     x_ptr,
-    packed_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
+    w_ptr,
+    m0_ptr,
+    m1_ptr,
+    m2_ptr,
+    m3_ptr,
     partial_ptr,
     M,
     N,
     K,
     stride_xm,
-    nested_offset,
+    f0,
+    DECODE: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
+    BITS: tl.constexpr,
+    ZERO_PACKED: tl.constexpr,
+    HAS_INPUT_SCALE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -162,12 +238,12 @@ def linear_4bit_gemv_kernel(
                 # multiples of SUB), so one mask per row covers it: uniform along the bytes of a row,
                 # it lets their loads vectorize.
                 row_ok = n_mask & ((rn * 0 + k0 + sub) < k_end)
-                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, row_ok, absmax_ptr,
-                                      nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED)
+                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, row_ok, m0_ptr,
+                                      m2_ptr, m3_ptr, f0, NESTED)
                 # Bytes as row start + arange (not flat index // 2), which the compiler sees as contiguous.
                 byte_col = (k0 + sub) // 2 + pair
                 w_even, w_odd = _dequant_byte_pairs(rn[:, None] * (K // 2) + byte_col[None, :], scale[:, None],
-                                                    row_ok[:, None], packed_ptr, code_ptr, COMPUTE_DTYPE, INTERPRET)
+                                                    row_ok[:, None], w_ptr, m1_ptr, COMPUTE_DTYPE, INTERPRET)
                 x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, k_end, stride_xm, COMPUTE_DTYPE,
                                                   INTERPRET, BLOCK_M, SUB)
                 acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even.to(tl.float32)[None, :, :]
@@ -182,10 +258,8 @@ def linear_4bit_gemv_kernel(
                 k_mask = rk < k_end
                 x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
                 w_mask = n_mask[:, None] & k_mask[None, :]
-                w = _dequant_4bit(
-                    rn[:, None] * K + rk[None, :], w_mask, packed_ptr, absmax_ptr, code_ptr,
-                    nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
-                )
+                w = _decode(rn[:, None], rk[None, :], w_mask, N, K, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, f0,
+                            DECODE, BLOCKSIZE, NESTED, BITS, ZERO_PACKED, HAS_INPUT_SCALE)
                 w = cast(w, COMPUTE_DTYPE, INTERPRET).to(tl.float32)
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     tl.store(partial_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
@@ -207,13 +281,13 @@ def split_k_sum_kernel(partial_ptr, bias_ptr, y_ptr, M, N, splits, stride_ym, HA
 
 
 @triton.jit
-def linear_4bit_gemm_kernel(
+def lowbit_gemm_kernel(
     x_ptr,
-    packed_ptr,
-    absmax_ptr,
-    code_ptr,
-    nested_absmax_ptr,
-    nested_code_ptr,
+    w_ptr,
+    m0_ptr,
+    m1_ptr,
+    m2_ptr,
+    m3_ptr,
     bias_ptr,
     y_ptr,
     M,
@@ -221,9 +295,13 @@ def linear_4bit_gemm_kernel(
     K,
     stride_xm,
     stride_ym,
-    nested_offset,
+    f0,
+    DECODE: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
+    BITS: tl.constexpr,
+    ZERO_PACKED: tl.constexpr,
+    HAS_INPUT_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -252,11 +330,11 @@ def linear_4bit_gemm_kernel(
         for k0 in range(k_begin, k_end, BLOCK_K):
             for sub in tl.static_range(0, BLOCK_K, SUB):
                 col_ok = n_mask & ((rn * 0 + k0 + sub) < k_end)  # per weight row, as in the GEMV
-                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, col_ok, absmax_ptr,
-                                      nested_absmax_ptr, nested_code_ptr, nested_offset, NESTED)
+                scale = _block_absmax(rn * (K // BLOCKSIZE) + (k0 + sub) // BLOCKSIZE, col_ok, m0_ptr,
+                                      m2_ptr, m3_ptr, f0, NESTED)
                 byte_col = (k0 + sub) // 2 + pair  # row start + arange: the loads vectorize
                 w_even, w_odd = _dequant_byte_pairs(rn[None, :] * (K // 2) + byte_col[:, None], scale[None, :],
-                                                    col_ok[None, :], packed_ptr, code_ptr, COMPUTE_DTYPE, INTERPRET)
+                                                    col_ok[None, :], w_ptr, m1_ptr, COMPUTE_DTYPE, INTERPRET)
                 x_even, x_odd = _even_odd_columns(x_ptr, rm, k0 + sub, m_mask, k_end, stride_xm, COMPUTE_DTYPE,
                                                   INTERPRET, BLOCK_M, SUB)
                 acc = dot_f32(x_even, w_even, acc, DOT_PRECISION, INTERPRET)
@@ -264,28 +342,31 @@ def linear_4bit_gemm_kernel(
     else:
         # Not software-pipelined: staging the per-element bytes and absmax of every stage in shared
         # memory needed up to 320 KiB (more than an H100 has) for the tile sizes the aligned path uses.
+        # The affine decode (a g_idx, scale and zero gather per element) decodes 32 rows of the tile at a
+        # time: whole [BLOCK_K, BLOCK_N] tiles spilled registers at the heuristic's sizes (sm_90 AOT check).
+        GSUB: tl.constexpr = BLOCK_K if DECODE == 0 else (BLOCK_K if BLOCK_K < 32 else 32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=1):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < k_end
-            x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
-            w = _dequant_4bit(
-                rn[None, :] * K + rk[:, None], k_mask[:, None] & n_mask[None, :], packed_ptr, absmax_ptr, code_ptr,
-                nested_absmax_ptr, nested_code_ptr, nested_offset, BLOCKSIZE, NESTED,
-            )
-            w = cast(w, COMPUTE_DTYPE, INTERPRET)
-            acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
+            for sub in tl.static_range(0, BLOCK_K, GSUB):
+                rk = k0 + sub + tl.arange(0, GSUB)
+                k_mask = rk < k_end
+                x = cast(load_tile(x_ptr, rm, rk, m_mask, k_mask, stride_xm), COMPUTE_DTYPE, INTERPRET)
+                w = _decode(rn[None, :], rk[:, None], k_mask[:, None] & n_mask[None, :], N, K, w_ptr, m0_ptr,
+                            m1_ptr, m2_ptr, m3_ptr, f0, DECODE, BLOCKSIZE, NESTED, BITS, ZERO_PACKED,
+                            HAS_INPUT_SCALE)
+                w = cast(w, COMPUTE_DTYPE, INTERPRET)
+                acc = dot_f32(x, w, acc, DOT_PRECISION, INTERPRET)
     store_split_tile(acc, bias_ptr, y_ptr, rm, rn, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 # ---- configs --------------------------------------------------------------------------------------
 
 _ARGS = [
-    "x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "bias_ptr",
-    "y_ptr", "M", "N", "K", "stride_xm", "stride_ym", "nested_offset",
+    "x_ptr", "w_ptr", "m0_ptr", "m1_ptr", "m2_ptr", "m3_ptr", "bias_ptr",
+    "y_ptr", "M", "N", "K", "stride_xm", "stride_ym", "f0",
 ]
 _GEMV_ARGS = [
-    "x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "partial_ptr",
-    "M", "N", "K", "stride_xm", "nested_offset",
+    "x_ptr", "w_ptr", "m0_ptr", "m1_ptr", "m2_ptr", "m3_ptr", "partial_ptr",
+    "M", "N", "K", "stride_xm", "f0",
 ]
 GEMV_MAX_SPLIT_K = 16  # the largest SPLIT_K of the GEMV spaces: the workspace holds that many partials
 
@@ -352,22 +433,35 @@ def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
     return autotune.config(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGES=1, num_warps=4, num_stages=1)
 
 
+def _gemm_heuristic(named: dict[str, Any]) -> Any:
+    """The shared GEMM heuristic for the LUT decode; smaller tiles for the affine decode (int32 words), whose
+    per-element gathers spilled registers at the shared tiles (sm_90 AOT check: 128x128x64 with 3-bit
+    fields, 128x128x32 in fp32, 16x64x128 split-K)."""
+    if named["w_ptr"].dtype != torch.int32:
+        return autotune.gemm_heuristic(named)
+    m = named["M"]
+    if m <= 16:
+        return autotune.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    block_m = 32 if named["x_ptr"].element_size() == 4 else 64  # fp32's IEEE dot needs more registers
+    return autotune.config(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
 @functools.cache  # built on first use: nothing is benchmarked or read from disk at import
 def _tuned(variant: str) -> autotune.TunedKernel:
     if variant == "gemv":
         return autotune.TunedKernel(
-            "linear_4bit_gemv", linear_4bit_gemv_kernel, _GEMV_ARGS, _gemv_spaces(), _gemv_heuristic,
+            "lowbit_gemv", lowbit_gemv_kernel, _GEMV_ARGS, _gemv_spaces(), _gemv_heuristic,
             _gemv_interpreter_config, _gemv_smem, key_names=["N", "K"],
         )
     if variant == "gemm_split_k":
         return autotune.TunedKernel(
-            "linear_4bit_gemm_split_k", linear_4bit_gemm_kernel, _ARGS, common.split_k_spaces(autotune.gemm_spaces()),
-            common.split_k_heuristic(autotune.gemm_heuristic), common.split_k_interpreter_config, gemm_smem,
+            "lowbit_gemm_split_k", lowbit_gemm_kernel, _ARGS, common.split_k_spaces(autotune.gemm_spaces()),
+            common.split_k_heuristic(_gemm_heuristic), common.split_k_interpreter_config, gemm_smem,
             autotune.gemm_useful, key_names=["N", "K"],
             reset_to_zero=["y_ptr"],
         )
     return autotune.TunedKernel(
-        "linear_4bit_gemm", linear_4bit_gemm_kernel, _ARGS, autotune.gemm_spaces(), autotune.gemm_heuristic,
+        "lowbit_gemm", lowbit_gemm_kernel, _ARGS, autotune.gemm_spaces(), _gemm_heuristic,
         autotune.gemm_interpreter_config, gemm_smem, autotune.gemm_useful, key_names=["N", "K"],
     )
 
@@ -409,11 +503,10 @@ def linear_4bit(
         raise ValueError(f"{FN}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
     if (nested_absmax is None) != (nested_code is None):
         raise ValueError(f"{FN}: nested_absmax and nested_code must be given together (double quantization)")
-    common.check_runnable(FN, linear_4bit_gemm_kernel, x, packed, absmax, code, nested_absmax, nested_code, bias)
+    common.check_runnable(FN, lowbit_gemm_kernel, x, packed, absmax, code, nested_absmax, nested_code, bias)
     common.check_dtype(FN, "x", x, common.FLOAT_DTYPES)
     x2 = common.as_2d_input(FN, x, k)
-    m = x2.shape[0]
-    common.check_index_range(FN, n, k, m)
+    common.check_index_range(FN, n, k, x2.shape[0])
 
     # quant_storage may view the packed bytes as another dtype; the bytes are what matter.
     packed_u8 = packed.contiguous().reshape(-1).view(torch.uint8)
@@ -436,29 +529,95 @@ def linear_4bit(
         # Unused pointers still need a tensor; absmax is a harmless stand-in.
         nested_absmax = nested_code = absmax
     bias = common.check_bias(FN, bias, n)
+    # The aligned path needs whole blocks per row and dot operands at least 16 deep (SUB // 2 >= 16).
+    aligned = k % blocksize == 0 and blocksize >= 32
+    consts = dict(DECODE=DECODE_LUT4, BLOCKSIZE=blocksize, NESTED=nested, BITS=4, ZERO_PACKED=False,
+                  HAS_INPUT_SCALE=False, ALIGNED=aligned)
+    return _launch(x, x2, packed_u8, (absmax, code, nested_absmax, nested_code), bias, float(nested_offset), n, k,
+                   compute_dtype, variant, config, consts)
 
+
+def linear_affine(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    out_features: int,
+    in_features: int,
+    compute_dtype: torch.dtype,
+    *,
+    variant: str = "auto",
+    config: Any = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` in x.dtype for an affine group-wise W in GPTQ's layout (``formats/packed_affine.py``):
+    qweight int32 [K * bits / 32, N], qzeros int32 [groups, N * bits / 32] (``zero - 1``) or zeros float16
+    [groups, N], scales float16 [groups, N], g_idx int32 [K], input_scale [K] or None. variant / config as
+    :func:`linear_4bit`."""
+    name = "linear_affine"
+    n, k = int(out_features), int(in_features)
+    if n <= 0 or k <= 0:
+        raise ValueError(f"{name}: out_features and in_features must be positive, got {n}, {k}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{name}: bits {bits!r} is not allowed; allowed: 2, 3, 4, 8")
+    if compute_dtype not in common.FLOAT_DTYPES:
+        raise ValueError(f"{name}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
+    if (qzeros is None) == (zeros is None):
+        raise ValueError(f"{name}: exactly one of qzeros (packed zero points) and zeros (float16) is expected")
+    run, words = (32, 3) if bits == 3 else (32 // bits, 1)
+    if k % run or (qzeros is not None and n % run):
+        raise ValueError(f"{name}: in_features {k} (and out_features {n} with packed zeros) must be multiples of {run}")
+    common.check_runnable(name, lowbit_gemm_kernel, x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias)
+    common.check_dtype(name, "x", x, common.FLOAT_DTYPES)
+    common.check_dtype(name, "qweight", qweight, (torch.int32,))
+    common.check_dtype(name, "g_idx", g_idx, (torch.int32,))
+    x2 = common.as_2d_input(name, x, k)
+    common.check_index_range(name, n, k, x2.shape[0])
+    qweight = qweight.contiguous()
+    common.check_numel(name, "qweight", qweight, k // run * words * n)
+    g_idx = g_idx.contiguous()
+    common.check_numel(name, "g_idx", g_idx, k)
+    scales = scales.contiguous()
+    zero_tensor = (qzeros if qzeros is not None else zeros).contiguous()
+    groups = scales.shape[0]
+    common.check_numel(name, "scales", scales, groups * n)
+    common.check_numel(name, "zeros", zero_tensor, groups * (n // run * words if qzeros is not None else n))
+    if input_scale is not None:
+        input_scale = input_scale.reshape(-1).to(torch.float32).contiguous()
+        common.check_numel(name, "input_scale", input_scale, k)
+    bias = common.check_bias(name, bias, n)
+    consts = dict(DECODE=DECODE_AFFINE, BLOCKSIZE=64, NESTED=False, BITS=bits, ZERO_PACKED=qzeros is not None,
+                  HAS_INPUT_SCALE=input_scale is not None, ALIGNED=False)
+    metadata = (scales, zero_tensor, g_idx, input_scale if input_scale is not None else scales)
+    return _launch(x, x2, qweight, metadata, bias, 0.0, n, k, compute_dtype, variant, config, consts)
+
+
+def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],
+            bias: torch.Tensor | None, f0: float, n: int, k: int, compute_dtype: torch.dtype, variant: str,
+            config: Any, consts: dict[str, Any]) -> torch.Tensor:
+    """Pick the variant for M and run it with the decode ``consts`` name; y in x.dtype, x's leading shape."""
+    m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_zeros(out_shape)
     if variant == "auto":
         variant = "gemv" if m <= GEMV_MAX_M else "gemm_split_k" if m <= common.SPLIT_K_MAX_M else "gemm"
     forced = autotune.as_config(config)
-    # The aligned path needs whole blocks per row and dot operands at least 16 deep (SUB // 2 >= 16).
-    aligned = k % blocksize == 0 and blocksize >= 32
-    consts = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
-                  COMPUTE_DTYPE=common.tl_dtype(compute_dtype), ALIGNED=aligned, INTERPRET=autotune.interpreting())
-    bias_arg = bias if bias is not None else code
+    consts = dict(consts, HAS_BIAS=bias is not None, COMPUTE_DTYPE=common.tl_dtype(compute_dtype),
+                  INTERPRET=autotune.interpreting())
     if variant == "gemv":
-        return _gemv(x2, packed_u8, absmax, code, nested_absmax, nested_code, bias, float(nested_offset), m, n, k,
-                     forced, consts).reshape(out_shape)
+        return _gemv(x2, w, metadata, bias, f0, m, n, k, forced, consts).reshape(out_shape)
     # The split-K GEMM's partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
     if variant == "gemm_split_k":
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    args = (x2, packed_u8, absmax, code, nested_absmax, nested_code, bias_arg, y, m, n, k,
-            x2.stride(0), y.stride(0), float(nested_offset))
-
+    bias_arg = bias if bias is not None else metadata[0]  # an unused pointer still needs a tensor
+    args = (x2, w, *metadata, bias_arg, y, m, n, k, x2.stride(0), y.stride(0), f0)
     precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
     if variant == "gemm_split_k":
         _tuned(variant).launch(common.split_k_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, **consts)
@@ -468,9 +627,8 @@ def linear_4bit(
     return y.reshape(out_shape)
 
 
-def _gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-          nested_absmax: torch.Tensor, nested_code: torch.Tensor, bias: torch.Tensor | None, nested_offset: float,
-          m: int, n: int, k: int, forced: Any, consts: dict[str, Any]) -> torch.Tensor:
+def _gemv(x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+          f0: float, m: int, n: int, k: int, forced: Any, consts: dict[str, Any]) -> torch.Tensor:
     """The GEMV and its split-sum epilogue; y [m, n] in x2.dtype."""
     block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
     consts = {key: v for key, v in consts.items() if key != "HAS_BIAS"}
@@ -484,7 +642,7 @@ def _gemv(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: to
     def grid(meta: dict[str, Any]) -> tuple[int, ...]:
         return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    args = (x2, packed, absmax, code, nested_absmax, nested_code, partial, m, n, k, x2.stride(0), nested_offset)
+    args = (x2, w, *metadata, partial, m, n, k, x2.stride(0), f0)
     used = _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     block_n = 128
