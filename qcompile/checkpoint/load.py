@@ -1,4 +1,4 @@
-"""load_quantized: read a checkpoint in bitsandbytes' layout into a model, never in float."""
+"""load_quantized: read a checkpoint in bitsandbytes', GPTQ's or AutoAWQ's layout into a model, never in float."""
 
 from __future__ import annotations
 
@@ -14,11 +14,19 @@ import torch
 from torch import nn
 
 from qcompile import config as config_module
-from qcompile.checkpoint.layout import BNB_SUFFIXES, CONFIG_NAME, INDEX_NAME, QUANT_STATE, scheme_text
+from qcompile.checkpoint.layout import (
+    AFFINE_SUFFIXES,
+    BNB_SUFFIXES,
+    CONFIG_NAME,
+    INDEX_NAME,
+    QUANT_STATE,
+    scheme_text,
+)
 from qcompile.config import QuantConfig, Rule
 from qcompile.fallback import FallbackPolicy, guard
-from qcompile.formats import Int8, PackedInt8, PackedWeight, Scheme
+from qcompile.formats import AWQ, GPTQ, Int8, PackedAffine, PackedInt8, PackedWeight, Scheme
 from qcompile.formats.fourbit import FourBitScheme
+from qcompile.formats.int32_words import run_length
 from qcompile.pack_cache import adopt_packed
 from qcompile.passes.names import WeightNames, parameter_aliases
 from qcompile.passes.plan import linear_decisions
@@ -51,8 +59,10 @@ class _Info:
 def load_quantized(model: nn.Module, directory: str | os.PathLike[str], device: str | torch.device | None = None,
                    config: str | os.PathLike[str] | Mapping[str, Any] | QuantConfig | None = None) -> QuantizeResult:
     """Load a checkpoint in bitsandbytes' layout (:func:`save_quantized`, or transformers' ``save_pretrained``
-    of a bitsandbytes model) into ``model``, built on the meta device (``accelerate.init_empty_weights()``)
-    or real; returns what was packed.
+    of a bitsandbytes model), or a GPTQ (format v1: ``qweight``, ``qzeros``, ``scales``, ``g_idx``) or AutoAWQ
+    GEMM checkpoint, into ``model``, built on the meta device (``accelerate.init_empty_weights()``) or real;
+    returns what was packed. GPTQ and AWQ checkpoints need their ``quantization_config`` (in ``config.json``,
+    or ``config=``) for the bits and group size.
 
     Files are read one tensor at a time. Each linear whose entries are a bitsandbytes state gets that packed
     form on ``device`` (default: the CPU), bit for bit, installed as :func:`qcompile.quantize` installs it: the
@@ -220,7 +230,7 @@ def _split_key(key: str) -> tuple[str, str] | None:
     head, sep, tail = key.partition("." + QUANT_STATE)
     if sep:
         return head, QUANT_STATE + tail
-    for suffix in BNB_SUFFIXES:
+    for suffix in BNB_SUFFIXES + AFFINE_SUFFIXES:
         if key.endswith("." + suffix):
             return key[:-len(suffix) - 1], suffix
     return None
@@ -233,7 +243,7 @@ def _find_groups(model: nn.Module, header: Mapping[str, _Info],
     """The bitsandbytes states in the checkpoint, by module, checked against the model and the plan; and the
     keys of states whose module is not a linear of the model (unexpected)."""
     marked = {split[0] for key in header if (split := _split_key(key)) is not None
-              and (split[1].startswith(QUANT_STATE) or split[1] == "SCB")}
+              and (split[1].startswith(QUANT_STATE) or split[1] in ("SCB", "qweight"))}
     groups: dict[str, _Group] = {}
     unexpected: set[str] = set()
     for key in header:
@@ -271,6 +281,9 @@ def _check_group(group: _Group, header: Mapping[str, _Info]) -> None:
     shape = tuple(group.parameter.shape)
     expected = shape[::-1] if group.transposed else shape
     quant_states = [k for k, r in group.keys.items() if r.startswith(QUANT_STATE)]
+    if "qweight" in rels:
+        _check_affine_group(group, header, expected)
+        return
     if "SCB" in rels:
         required = ["weight", "SCB"]
     elif len(quant_states) != 1:
@@ -308,6 +321,34 @@ def _check_group(group: _Group, header: Mapping[str, _Info]) -> None:
     if not ok:
         raise ValueError(f"{name}: the checkpoint holds it as {_filescheme_text(file_scheme)}, but the config plans "
                          f"{scheme_text(scheme)}; load with the config the checkpoint was saved with")
+
+
+def _check_affine_group(group: _Group, header: Mapping[str, _Info], expected: tuple[int, ...]) -> None:
+    """A GPTQ / AWQ linear: the config's scheme says which layout and its bits and group size; shapes agree."""
+    name, scheme = group.module_name, group.scheme
+    if scheme is None:
+        raise ValueError(f"{name}: a GPTQ / AWQ linear in the checkpoint, but no config plans it (GPTQ or AWQ): load "
+                         "with the checkpoint's quantization_config (config.json, or config=)")
+    if not isinstance(scheme, (GPTQ, AWQ)):
+        raise ValueError(f"{name}: the checkpoint holds it as GPTQ / AWQ integers (qweight), but the config plans "
+                         f"{scheme_text(scheme)}; load with the checkpoint's quantization_config")
+    rels = {r: k for k, r in group.keys.items()}
+    absent = [rel for rel in ("qweight", "qzeros", "scales") if rel not in rels]
+    if absent:
+        raise ValueError(f"{name}.{absent[0]}: missing from the checkpoint, which holds the module's qweight")
+    out_features, in_features = expected
+    per_run, words = run_length(scheme.bits)
+    groups = scheme.groups(in_features)
+    if isinstance(scheme, AWQ):
+        shapes = {"qweight": (in_features, out_features // 8), "qzeros": (groups, out_features // 8)}
+    else:
+        shapes = {"qweight": (in_features // per_run * words, out_features),
+                  "qzeros": (groups, out_features // per_run * words), "g_idx": (in_features,)}
+    shapes["scales"] = (groups, out_features)
+    for rel, shape in shapes.items():
+        if rel in rels and tuple(header[rels[rel]].shape) != shape:
+            raise ValueError(f"{rels[rel]}: checkpoint shape {tuple(header[rels[rel]].shape)} != {shape}, what "
+                             f"{scheme_text(scheme)} stores for the model's [{out_features}, {in_features}] weight")
 
 
 def _filescheme_text(file_scheme: tuple) -> str:
@@ -376,7 +417,10 @@ def _install(model: nn.Module, group: _Group, aliases: Mapping[int, list[str]]) 
     scheme = group.scheme
     compute = scheme.compute_dtype if isinstance(scheme, FourBitScheme) else None
     try:
-        packed = PackedWeight.from_bitsandbytes(group.tensors, compute)
+        if "qweight" in group.tensors:
+            packed = _affine_from_checkpoint(group, scheme)
+        else:
+            packed = PackedWeight.from_bitsandbytes(group.tensors, compute)
     except ValueError as e:
         raise ValueError(f"{group.module_name}.{e}") from e
     if scheme is not None:
@@ -387,6 +431,13 @@ def _install(model: nn.Module, group: _Group, aliases: Mapping[int, list[str]]) 
     adopt_packed(group.parameter, packed.scheme, group.transposed, packed)
     group.parameter.requires_grad_(False)
     return packed
+
+
+def _affine_from_checkpoint(group: _Group, scheme: Scheme) -> PackedWeight:
+    t, dtype = group.tensors, group.parameter.dtype
+    if isinstance(scheme, AWQ):
+        return PackedAffine.from_awq(scheme, t["qweight"], t["qzeros"], t["scales"], dtype)
+    return PackedAffine.from_gptq(scheme, t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), dtype)
 
 
 def _finish_buffers(model: nn.Module, device: torch.device, loaded: set[str]) -> None:
