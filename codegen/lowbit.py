@@ -11,6 +11,8 @@ format is a decode function, not a copied kernel:
   ``BITS``-wide integers (2, 3, 4, 8) packed along K in int32 words, ``(q - zero[g]) * scale[g]`` with
   ``g = g_idx[k]`` (act-order permutations included), zero points packed like the integers (``- 1``
   stored) or float16 (``ZERO_PACKED``), times an optional per-input-feature scale (AWQ).
+* ``DECODE_FP8`` (float8 e4m3 bytes [N, K], a float32 scale per row; ``formats/float8.py``): the e4m3
+  bit layout decoded with integer and float arithmetic (no float8 types, so the interpreter runs it).
 
 The weight is decoded in registers only; the 16-bit weight never reaches global memory. Kernel
 arguments are the same for every decode: ``w_ptr`` (the packed weight) and four metadata pointers
@@ -57,6 +59,7 @@ FN = "linear_4bit"
 GEMV_MAX_M = 4
 DECODE_LUT4 = 0
 DECODE_AFFINE = 1
+DECODE_FP8 = 2
 VARIANTS = ("auto", "gemv", "gemm_split_k", "gemm")
 NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization groups 256 absmax values
 
@@ -145,15 +148,29 @@ def _dequant_affine(rn, rk, mask, N, qweight_ptr, scales_ptr, zeros_ptr, g_idx_p
 
 
 @triton.jit
+def _dequant_fp8(rn, rk, mask, K, weight_ptr, scale_ptr):
+    """fp32 W[rn, rk] of float8 e4m3 bytes [N, K] times scale[n]: (8 + m) * 2**(e - 10), or m * 2**-9 for e = 0."""
+    byte = tl.load(weight_ptr + rn * K + rk, mask=mask, other=0).to(tl.int32)
+    exponent = (byte >> 3) & 15
+    mantissa = (byte & 7).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.001953125,  # 2**-9
+                         (mantissa + 8.0) * tl.exp2((exponent - 10).to(tl.float32)))
+    value = tl.where((byte & 128) != 0, -magnitude, magnitude)
+    return value * tl.load(scale_ptr + rn, mask=mask, other=0.0)
+
+
+@triton.jit
 def _decode(rn, rk, mask, N, K, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, f0, DECODE: tl.constexpr,
             BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BITS: tl.constexpr, ZERO_PACKED: tl.constexpr,
             HAS_INPUT_SCALE: tl.constexpr):
     """fp32 weights W[rn, rk] (broadcastable index tiles, the general path) in the format DECODE names."""
     if DECODE == 0:  # DECODE_LUT4: m0 absmax, m1 code, m2 nested absmax, m3 nested code, f0 nested offset
         return _dequant_4bit(rn * K + rk, mask, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, f0, BLOCKSIZE, NESTED)
-    else:  # DECODE_AFFINE: m0 scales, m1 qzeros or zeros, m2 g_idx, m3 input scale
+    elif DECODE == 1:  # DECODE_AFFINE: m0 scales, m1 qzeros or zeros, m2 g_idx, m3 input scale
         return _dequant_affine(rn, rk, mask, N, w_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, BITS, ZERO_PACKED,
                                HAS_INPUT_SCALE)
+    else:  # DECODE_FP8: m0 the per-row scale
+        return _dequant_fp8(rn, rk, mask, K, w_ptr, m0_ptr)
 
 
 @triton.jit
@@ -434,10 +451,12 @@ def _gemv_interpreter_config(named: dict[str, Any]) -> Any:
 
 
 def _gemm_heuristic(named: dict[str, Any]) -> Any:
-    """The shared GEMM heuristic for the LUT decode; smaller tiles for the affine decode (int32 words), whose
-    per-element gathers spilled registers at the shared tiles (sm_90 AOT check: 128x128x64 with 3-bit
-    fields, 128x128x32 in fp32, 16x64x128 split-K)."""
-    if named["w_ptr"].dtype != torch.int32:
+    """The shared GEMM heuristic for the LUT decode; smaller tiles for the affine and float8 decodes, which
+    decode in 32-row steps and spilled registers at the shared tiles (sm_90 AOT check: 128x128x64 with 3-bit
+    fields, 128x128x32 in fp32, 16x64x128 split-K). LUT4 is told apart by its packed size: half a byte a
+    weight (affine: int32 words; float8: a byte a weight)."""
+    w = named["w_ptr"]
+    if w.dtype == torch.uint8 and w.numel() < named["N"] * named["K"]:
         return autotune.gemm_heuristic(named)
     m = named["M"]
     if m <= 16:
@@ -594,6 +613,30 @@ def linear_affine(
                   HAS_INPUT_SCALE=input_scale is not None, ALIGNED=False)
     metadata = (scales, zero_tensor, g_idx, input_scale if input_scale is not None else scales)
     return _launch(x, x2, qweight, metadata, bias, 0.0, n, k, compute_dtype, variant, config, consts)
+
+
+def linear_float8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  compute_dtype: torch.dtype, *, variant: str = "auto", config: Any = None) -> torch.Tensor:
+    """``x @ (float8(weight) * scale[:, None]).T + bias`` in x.dtype: weight uint8 [N, K] (e4m3 bytes), scale
+    float32 [N] (``formats/float8.py``). variant / config as :func:`linear_4bit`."""
+    name = "linear_float8"
+    if compute_dtype not in common.FLOAT_DTYPES:
+        raise ValueError(f"{name}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
+    common.check_runnable(name, lowbit_gemm_kernel, x, weight, scale, bias)
+    common.check_dtype(name, "x", x, common.FLOAT_DTYPES)
+    common.check_dtype(name, "weight", weight, (torch.uint8,))
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, expected (out_features, in_features)")
+    n, k = weight.shape
+    x2 = common.as_2d_input(name, x, k)
+    common.check_index_range(name, n, k, x2.shape[0])
+    scale = scale.reshape(-1).to(torch.float32).contiguous()
+    common.check_numel(name, "scale", scale, n)
+    bias = common.check_bias(name, bias, n)
+    consts = dict(DECODE=DECODE_FP8, BLOCKSIZE=64, NESTED=False, BITS=8, ZERO_PACKED=False, HAS_INPUT_SCALE=False,
+                  ALIGNED=False)
+    return _launch(x, x2, weight.contiguous(), (scale, scale, scale, scale), bias, 0.0, n, k, compute_dtype, variant,
+                   config, consts)
 
 
 def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],

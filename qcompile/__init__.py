@@ -21,6 +21,7 @@ _EXPORTS = {
     "HQQ": "qcompile.formats",
     "GPTQ": "qcompile.formats",
     "AWQ": "qcompile.formats",
+    "Float8": "qcompile.formats",
     "calibrate": "qcompile.calibration",
     "Int8": "qcompile.formats",
     "Int8WeightOnly": "qcompile.formats",

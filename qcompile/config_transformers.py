@@ -5,7 +5,7 @@ left alone (``modules_to_not_convert``, HQQ's ``skip_modules``; null: ``lm_head`
 matched as transformers matches them, by substring. Keys about how another library runs or
 calibrates (``dataset``, ``use_exllama``, ``backend``, ...) are accepted and ignored: qcompile runs its
 own kernels and calibrates with :func:`qcompile.calibrate`. A setting qcompile cannot honour
-(another checkpoint format, HQQ along axis 0, quantized activations, float8 weights) is an error
+(another checkpoint format, HQQ along axis 0, quantized activations) is an error
 naming the key.
 
     gptq     bits, group_size, sym, desc_act, damp_percent, static_groups  -> gptq
@@ -14,6 +14,7 @@ naming the key.
              (HqqConfig's arguments)                                       -> hqq
     quanto   weights "int8"                                                -> int8_weight_only
              weights "int4" / "int2" (group 128, float shift)              -> quanto
+             weights "float8" (e4m3, a scale per row)                      -> float8
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def _quanto(raw: Mapping[str, Any], prefix: str):
         return scheme_from_dict({"type": "int8_weight_only"})
     if weights in ("int4", "int2"):
         return scheme_from_dict({"type": "quanto", "bits": int(weights[3])})
-    raise ValueError(f"{prefix}weights: {weights!r} is not supported; allowed: int8, int4, int2")
+    if weights == "float8":
+        return scheme_from_dict({"type": "float8"})
+    raise ValueError(f"{prefix}weights: {weights!r} is not supported; allowed: int8, int4, int2, float8")
 
 
 _SCHEMES = {"gptq": _gptq, "awq": _awq, "hqq": _hqq, "quanto": _quanto}

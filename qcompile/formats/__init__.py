@@ -2,6 +2,7 @@
 
 from qcompile.formats.affine import Affine, AffineScheme
 from qcompile.formats.awq import AWQ
+from qcompile.formats.float8 import Float8, PackedFloat8
 from qcompile.formats.fp4 import FP4
 from qcompile.formats.gptq import GPTQ
 from qcompile.formats.hqq import HQQ
@@ -23,6 +24,8 @@ __all__ = [
     "AffineScheme",
     "PackedAffine",
     "FP4",
+    "Float8",
+    "PackedFloat8",
     "GPTQ",
     "HQQ",
     "NF4",

@@ -76,7 +76,7 @@ def call_every_wrapper() -> None:
     import qcompile
     from qcompile.codegen.int8_weight_only import int8_weight_only
     from qcompile.codegen.llm_int8 import linear_int8
-    from qcompile.codegen.lowbit import linear_4bit, linear_affine
+    from qcompile.codegen.lowbit import linear_4bit, linear_affine, linear_float8
     from qcompile.codegen.w8a8_dynamic import w8a8_dynamic
     from qcompile.ops import op_arguments
 
@@ -109,6 +109,11 @@ def call_every_wrapper() -> None:
     packed.input_scale = torch.rand(k) + 0.5  # as AWQ stores it
     for m in (1, 16, 256):
         linear_affine(*op_arguments(packed, torch.randn(m, k, dtype=torch.bfloat16), None, "triton")[:-1])
+    for dtype in (torch.bfloat16, torch.float32):
+        fp8 = qcompile.pack(w.to(dtype), qcompile.Float8())
+        for m in (1, 16, 256):
+            linear_float8(torch.randn(m, k, dtype=dtype), fp8.weight, fp8.scale, bias.to(dtype) if m == 1 else None,
+                          dtype)
     int8 = qcompile.pack(w.half(), qcompile.Int8(threshold=6.0))
     q, scale = int8.tensors()["weight"], int8.tensors()["weight_scale"]
     for dtype in (torch.float16, torch.bfloat16):
