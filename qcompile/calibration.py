@@ -66,7 +66,7 @@ class _Recorder:
             self.observations[key] = Observations(self.targets[key].scheme.calibration)
         self.observations[key].add(x)
 
-    def backend(self, cfg: QuantConfig):
+    def backend(self):
         def calibration_backend(gm: fx.GraphModule, example_inputs: list[Any]):
             sites = find_linear_sites(gm, example_inputs)
             observe_linears(gm, sites, self.wanted, self.observe)
@@ -110,7 +110,7 @@ def calibrate(
     if not inputs:
         raise ValueError("batches: empty; calibration needs at least one forward call's input")
     recorder = _Recorder(calibrated)
-    compiled = torch.compile(model, backend=recorder.backend(cfg))
+    compiled = torch.compile(model, backend=recorder.backend())
     with torch.no_grad():
         recorder.discovering = True
         _run(compiled, inputs[:1])

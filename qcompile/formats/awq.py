@@ -90,10 +90,7 @@ class AWQ(AffineScheme):
         s = search_scale(w, observations.abs_mean, sample, self)
         scaled = search_clip(w * s[None, :], sample / s, self)
         scale, zero = self.fit(scaled, name)
-        packed = PackedAffine.quantize(scaled, self, scale, zero)
-        packed.dtype = weight.dtype
-        packed.input_scale = (1.0 / s).float()
-        return packed
+        return PackedAffine.quantize(scaled, self, scale, zero, input_scale=(1.0 / s).float(), dtype=weight.dtype)
 
 
 def search_scale(weight: torch.Tensor, x_mean: torch.Tensor, sample: torch.Tensor, scheme: AWQ) -> torch.Tensor:

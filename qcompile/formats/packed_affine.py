@@ -63,10 +63,11 @@ class PackedAffine(PackedWeight):
         self.input_scale = input_scale
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, scheme: AffineScheme, scale: torch.Tensor,
-                 zero: torch.Tensor) -> PackedAffine:
+    def quantize(cls, weight: torch.Tensor, scheme: AffineScheme, scale: torch.Tensor, zero: torch.Tensor,
+                 input_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> PackedAffine:
         """Quantize ``weight`` [N, K] with per-group ``scale`` and ``zero`` ([N, groups], float32): the
-        integers are computed with the float16 scale (and zero) that is stored, so they agree."""
+        integers are computed with the float16 scale (and zero) that is stored, so they agree. ``input_scale``
+        (AWQ) is kept as given; ``dtype`` is the original weight's (default ``weight.dtype``)."""
         out_features, in_features = weight.shape
         maxq = 2**scheme.bits - 1
         with torch.no_grad():
@@ -82,8 +83,8 @@ class PackedAffine(PackedWeight):
                 q = torch.clamp(torch.round(weight.float() / s + zeros.float().t()[:, g_idx]), 0, maxq)
                 qzeros = None
             qweight = pack_int32(q.to(torch.int64).t(), scheme.bits, 0)
-        return cls(scheme, (out_features, in_features), weight.dtype, qweight, qzeros, zeros, scales,
-                   g_idx.to(torch.int32))
+        return cls(scheme, (out_features, in_features), dtype or weight.dtype, qweight, qzeros, zeros, scales,
+                   g_idx.to(torch.int32), input_scale)
 
     @classmethod
     def from_integers(cls, scheme: AffineScheme, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
