@@ -1,4 +1,5 @@
-"""save_quantized: write packed linears and the rest of a model in bitsandbytes' layout."""
+"""save_quantized: write packed linears and the rest of a model in bitsandbytes' layout, or GPTQ's (v1) for
+GPTQ / affine integer weights."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from qcompile.checkpoint.layout import (
 )
 from qcompile.config import QuantConfig
 from qcompile.dtypes import dtype_name
-from qcompile.formats import Int8, Packed4bit, PackedInt8, PackedWeight, Scheme
+from qcompile.formats import Int8, Packed4bit, PackedAffine, PackedInt8, PackedWeight, Scheme
+from qcompile.formats.affine import AffineScheme
 from qcompile.formats.fourbit import FourBitScheme
 from qcompile.pack_cache import cached_packed_weights, is_released, packed_weight
 from qcompile.passes.names import WeightNames, parameter_aliases
@@ -47,8 +49,10 @@ class _PackedLinear:
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike[str],
                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write ``model``'s packed linears and its other tensors to ``directory`` in bitsandbytes' layout
-    (see the module docstring); returns the directory.
+    """Write ``model``'s packed linears and its other tensors to ``directory`` in bitsandbytes' layout, or in
+    GPTQ's (v1: ``qweight``, ``qzeros``, ``scales``, ``g_idx``) for gptq and affine weights (see the module
+    docstring); returns the directory. One model, one layout: its quantization_config describes every
+    quantized linear. hqq, quanto and awq weights (float zero points, an input scale) cannot be saved yet.
 
     The packed form of each linear is the one in the pack cache (:func:`qcompile.quantize`, or the
     backend's). For a transformers model (``model.config`` with ``to_dict`` / ``save_pretrained``) also
@@ -65,7 +69,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike[str],
     packed = _packed_linears(model)
     if not packed:
         raise ValueError(f"{type(model).__name__}: no linear weight has a packed form, so there is nothing to save "
-                         "in bitsandbytes' layout; call qcompile.quantize(model, config) first")
+                         "packed; call qcompile.quantize(model, config) or qcompile.calibrate first")
     transformers_config = None
     if _is_transformers_model(model):
         transformers_config = _transformers_quantization_config(model, packed)
@@ -118,9 +122,15 @@ def _packed_linears(model: nn.Module) -> dict[str, _PackedLinear]:
             raise ValueError(f"{name}: tied to {reader}, which reads it in float; bitsandbytes' layout holds one "
                              "form per tensor, so a tied weight cannot be saved packed (transformers keeps tied "
                              "heads in float: skip this module in the config)")
-        if not isinstance(form, (Packed4bit, PackedInt8)) or (isinstance(form, PackedInt8) and form.master is not None):
-            raise ValueError(f"{name}: packed as {scheme_text(form.scheme)}, which has no bitsandbytes layout; "
-                             "allowed: nf4, fp4 (Linear4bit) and int8 without has_fp16_weight (Linear8bitLt)")
+        if isinstance(form, PackedAffine):
+            reason = form.gptq_reason()
+            if reason is not None:
+                raise ValueError(f"{name}: packed as {scheme_text(form.scheme)}, which has no checkpoint layout yet: "
+                                 f"{reason}; allowed: nf4, fp4, int8 (bitsandbytes), gptq and affine (GPTQ)")
+        elif not isinstance(form, (Packed4bit, PackedInt8)) or (isinstance(form, PackedInt8)
+                                                                and form.master is not None):
+            raise ValueError(f"{name}: packed as {scheme_text(form.scheme)}, which has no checkpoint layout; allowed: "
+                             "nf4, fp4 (Linear4bit), int8 without has_fp16_weight (Linear8bitLt), gptq and affine")
         out[module_name] = _PackedLinear(module_name, module, weight, form)
     return out
 
@@ -136,7 +146,8 @@ def _tensor_groups(model: nn.Module, packed: Mapping[str, _PackedLinear]) -> lis
         if entry is not None and attr == "weight":
             if id(entry.parameter) not in seen:
                 seen.add(id(entry.parameter))
-                state = entry.packed.to_bitsandbytes()
+                form = entry.packed
+                state = form.to_gptq() if isinstance(form, PackedAffine) else form.to_bitsandbytes()
                 groups.append([(f"{module_name}.{rel}", t) for rel, t in state.items()])
             continue
         if id(tensor) in seen:
@@ -213,12 +224,36 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return callable(getattr(config, "to_dict", None)) and callable(getattr(config, "save_pretrained", None))
 
 def _bnb_key(scheme: Scheme) -> tuple:
-    """What a BitsAndBytesConfig records of a scheme: two schemes with different keys need two configs."""
+    """What a quantization_config records of a scheme: two schemes with different keys need two configs."""
+    if isinstance(scheme, AffineScheme):
+        return ("gptq", *sorted(_gptq_settings(scheme).items()))
     if isinstance(scheme, FourBitScheme):
         return ("4bit", scheme.kind, scheme.blocksize, scheme.double_quant, scheme.compute_dtype, scheme.quant_storage)
     if isinstance(scheme, Int8):
         return ("8bit", scheme.threshold, scheme.has_fp16_weight)
     raise ValueError(f"{scheme.kind}: has no bitsandbytes layout")
+
+
+def _gptq_settings(scheme: AffineScheme) -> dict[str, Any]:
+    """What GPTQ's quantization_config says of an affine scheme with integer zeros (gptq's own calibration
+    settings, or an ``affine`` scheme's storage written as GPTQ's)."""
+    return {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+            "desc_act": getattr(scheme, "desc_act", False), "damp_percent": getattr(scheme, "damp_percent", 0.1),
+            "static_groups": getattr(scheme, "static_groups", False)}
+
+
+def _gptq_config_dict(scheme: AffineScheme, skip_modules: list[str]) -> dict[str, Any]:
+    """GPTQ's quantization_config (format v1, as AutoGPTQ / transformers write it) for ``scheme``."""
+    return {"quant_method": "gptq", **_gptq_settings(scheme), "true_sequential": True,
+            "checkpoint_format": "gptq", "modules_to_not_convert": list(skip_modules)}
+
+
+def _storage_key(scheme: Scheme | None) -> Any:
+    """A scheme as far as its stored form goes: GPTQ's loader plans gptq where an affine scheme was saved, and
+    a config.json cannot carry the compute dtype of a GPTQ scheme."""
+    if isinstance(scheme, AffineScheme):
+        return ("gptq", scheme.bits, scheme.group_size, scheme.sym)
+    return scheme
 
 
 def _quantization_config_dict(scheme: Scheme, skip_modules: list[str]) -> dict[str, Any]:
@@ -272,7 +307,10 @@ def _transformers_quantization_config(model: nn.Module, packed: Mapping[str, _Pa
     scheme = first.packed.scheme
     skip = [name for name, module in model.named_modules()
             if name not in packed and (_transformers_converts(module) or linear_weight_of(module) is not None)]
-    qconfig = _quantization_config_dict(scheme, skip)
+    if isinstance(scheme, AffineScheme):
+        qconfig = _gptq_config_dict(scheme, skip)
+    else:
+        qconfig = _quantization_config_dict(scheme, skip)
     # load_quantized plans with this config (as the compiled model will): it must pick exactly the packed
     # linears, with their schemes, or the packed forms would not be found under the planned scheme.
     planned = QuantConfig.from_dict({"quantization_config": qconfig})
@@ -283,7 +321,7 @@ def _transformers_quantization_config(model: nn.Module, packed: Mapping[str, _Pa
             continue
         entry = packed.get(name)
         have = None if entry is None else entry.packed.scheme
-        if decided != have:
+        if _storage_key(decided) != _storage_key(have):
             wrote = "skip" if decided is None else scheme_text(decided)
             stored = "float" if have is None else scheme_text(have)
             raise ValueError(f"{name}: the quantization_config written for it ({wrote}) does not match how it is "

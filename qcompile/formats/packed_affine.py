@@ -138,6 +138,21 @@ class PackedAffine(PackedWeight):
         return cls(scheme, (out_features, in_features), dtype, pack_int32(q.to(torch.int64), 4, 0), None, zeros,
                    scales.to(torch.float16), g_idx.to(torch.int32))
 
+    def gptq_reason(self) -> str | None:
+        """Why GPTQ's checkpoint layout cannot hold this weight (float zero points, an input scale), or None."""
+        if self.qzeros is None:
+            return "its zero points are float16 (hqq, quanto, an AWQ checkpoint), which GPTQ's qzeros cannot hold"
+        if self.input_scale is not None:
+            return "it has AWQ's per-input-feature scale, which GPTQ's layout cannot hold"
+        return None
+
+    def to_gptq(self) -> dict[str, torch.Tensor]:
+        """The module's entries in a GPTQ (v1) checkpoint: ``qweight``, ``qzeros``, ``scales``, ``g_idx``."""
+        reason = self.gptq_reason()
+        if reason is not None:
+            raise ValueError(f"no GPTQ layout: {reason}")
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"qweight": self.qweight, "qzeros": self.qzeros, "zeros": self.zeros, "scales": self.scales,
                 "g_idx": self.g_idx, "input_scale": self.input_scale}

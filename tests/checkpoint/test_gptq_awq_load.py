@@ -117,3 +117,42 @@ def test_gptq_checkpoint_without_its_config_or_with_wrong_shapes_is_refused(tmp_
     gptq = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False}
     with pytest.raises(ValueError, match=r"q_proj.qzeros: checkpoint shape \(2, 8\) != \(1, 8\)"):
         load_quantized(_meta_llama(), tmp_path, config=gptq)
+
+
+@torch.no_grad()
+def test_calibrated_gptq_model_saves_in_gptqs_layout_and_loads_back_bit_exact(tmp_path):
+    from qcompile.checkpoint import save_quantized
+
+    model = tiny_llama()
+    batches = [{"input_ids": torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    config = qcompile.calibrate(model, batches, {"format": "qcompile", "version": 1,
+                                                 "default": {"type": "gptq", "bits": 3, "group_size": 32,
+                                                             "desc_act": True},
+                                                 "rules": [{"match": "lm_head", "scheme": "skip"}]}, progress=False)
+    save_quantized(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert written["quant_method"] == "gptq" and written["bits"] == 3 and written["desc_act"] is True
+    assert written["checkpoint_format"] == "gptq" and written["modules_to_not_convert"] == ["lm_head"]
+    keys = set(safetensors_torch.load_file(str(tmp_path / "model.safetensors")))
+    assert {"model.layers.0.mlp.down_proj.qweight", "model.layers.0.mlp.down_proj.g_idx"} <= keys
+    assert "model.layers.0.mlp.down_proj.weight" not in keys and "lm_head.weight" in keys
+
+    expected = torch.compile(model, backend="qcompile", options={"config": config, "inner": "eager"})(
+        input_ids=_ids()).logits
+    torch._dynamo.reset()
+    loaded = _meta_llama()
+    result = load_quantized(loaded, tmp_path)
+    out = torch.compile(loaded, backend="qcompile", options={"config": result.config, "inner": "eager"})(
+        input_ids=_ids()).logits
+    assert torch.equal(out, expected)
+
+
+def test_weights_gptqs_layout_cannot_hold_are_refused_by_name(tmp_path):
+    from qcompile.checkpoint import save_quantized
+
+    model = tiny_llama()
+    qcompile.quantize(model, {"format": "qcompile", "version": 1, "default": {"type": "hqq", "group_size": 32},
+                              "rules": [{"match": "lm_head", "scheme": "skip"}]})
+    with pytest.raises(ValueError, match=r"q_proj.weight: packed as hqq.*float16"):
+        save_quantized(model, tmp_path)

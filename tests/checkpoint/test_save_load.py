@@ -341,7 +341,7 @@ def test_mixed_schemes_name_two_modules(tmp_path):
 
 
 def test_unquantized_model_and_unsavable_forms_are_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"call qcompile\.quantize\(model, config\) first"):
+    with pytest.raises(ValueError, match=r"call qcompile\.quantize\(model, config\) or qcompile\.calibrate first"):
         save_quantized(tiny_llama(), tmp_path)
     model = tiny_llama()
     qcompile.quantize(model, config_of(NF4(blocksize=128, compute_dtype=F32)))
@@ -349,7 +349,7 @@ def test_unquantized_model_and_unsavable_forms_are_errors(tmp_path):
         save_quantized(model, tmp_path)
     model = tiny_llama()
     qcompile.quantize(model, config_of(qcompile.Int8WeightOnly()))
-    with pytest.raises(ValueError, match=r"q_proj\.weight: packed as int8_weight_only.*no bitsandbytes layout"):
+    with pytest.raises(ValueError, match=r"q_proj\.weight: packed as int8_weight_only.*no checkpoint layout"):
         save_quantized(model, tmp_path)
     model = tiny_gpt2(tied=True)  # a quantized tied head: the embedding still reads it in float
     qcompile.quantize(model, qcompile.QuantConfig(default=NF4_DQ, rules=(qcompile.Rule("lm_head", NF4_DQ),)))
