@@ -16,9 +16,10 @@ then AutoAWQ's clip search on ``W s``: per output row and group, the largest mag
 part of the output on (a 512-row subsample of) ``X / s``.
 
 The quantized ``W s`` is stored in GPTQ's layout with ``input_scale = 1 / s`` (``packed_affine.py``),
-which the op applies to the input. AutoAWQ instead folds ``1 / s`` into the previous layer norm or
-linear (and searches one ``s`` for the linears that share an input); qcompile searches each linear on
-its own and does not fold yet. Only asymmetric (``zero_point``) quantization, as AWQ's GEMM format.
+which the op applies to the input. Where the linears' shared input (q, k, v) is made by a norm that
+nothing else reads, :func:`qcompile.calibrate` searches one ``s`` for them on their concatenated weights,
+as AutoAWQ does, and folds ``1 / s`` into the norm (``passes/scale_fold.py``): those packed forms keep no
+input scale. Only asymmetric (``zero_point``) quantization, as AWQ's GEMM format.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class AWQ(AffineScheme):
         q = torch.clamp(torch.round(groups / scale16) + zero[..., None], 0, 2**self.bits - 1)
         return ((q - zero[..., None]) * scale16).reshape(weight.shape)
 
-    def pack_calibrated(self, weight: torch.Tensor, observations: Observations, name: str = "weight"):
-        """Search the input scaling (module docstring), then pack ``W s`` with ``input_scale = 1 / s``."""
+    def pack_calibrated(self, weight: torch.Tensor, observations: Observations, name: str = "weight",
+                        scale: torch.Tensor | None = None):
+        """Search the input scaling (module docstring; ``scale``: one already searched for all the linears that
+        share this input, as :func:`qcompile.calibrate` does), then pack ``W s`` with ``input_scale = 1 / s``."""
         from qcompile.formats.packed_affine import PackedAffine
 
         reason = self.unsupported_reason(tuple(weight.shape), weight.dtype)
@@ -87,7 +90,7 @@ class AWQ(AffineScheme):
             raise ValueError(f"{name}: cannot pack with awq: {reason}")
         w = weight.detach().float()
         sample = observations.sample_rows
-        s = search_scale(w, observations.abs_mean, sample, self)
+        s = search_scale(w, observations.abs_mean, sample, self) if scale is None else scale.float()
         scaled = search_clip(w * s[None, :], sample / s, self)
         scale, zero = self.fit(scaled, name)
         return PackedAffine.quantize(scaled, self, scale, zero, input_scale=(1.0 / s).float(), dtype=weight.dtype)

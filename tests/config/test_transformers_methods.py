@@ -78,7 +78,7 @@ def test_quanto_int4_is_min_max_with_a_float_shift():
     ({"quant_method": "hqq", "nbits": 4, "group_size": 64, "axis": 0}, r"axis: 0 is not supported"),
     ({**HQQ_TO_DICT, "quant_config": {**HQQ_TO_DICT["quant_config"], "zero_quant_params": {"nbits": 8}}},
      r"quant_config.zero_quant_params: quantized scales / zeros are not supported"),
-    ({"quant_method": "quanto", "weights": "float8"}, r"weights: 'float8' is not supported"),
+    ({"quant_method": "quanto", "weights": "int3"}, r"weights: 'int3' is not supported"),
     ({"quant_method": "quanto", "weights": "int8", "activations": "int8"}, r"activations: 'int8' is not supported"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, r"version: 'gemv' is not supported"),
     ({"quant_method": "gptq", "bits": 4, "modules_to_not_convert": "lm_head"}, r"modules_to_not_convert: expected"),

@@ -124,3 +124,53 @@ def test_calibrate_with_awq_through_the_backend():
     out = compiled(x)
     assert [r.module for p in plans for r in p.rows if r.quantized] == ["fc1", "fc2"]
     assert (out - reference).norm() < 0.9 * (rtn - reference).norm()
+
+
+class NormThenLinears(torch.nn.Module):
+    """A layer norm read only by two linears (foldable), and one also read by a residual (not foldable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_a = torch.nn.LayerNorm(64)
+        self.a1 = torch.nn.Linear(64, 64)
+        self.a2 = torch.nn.Linear(64, 64)
+        self.norm_b = torch.nn.LayerNorm(64)
+        self.b = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        n = self.norm_a(x)
+        h = self.a1(n) * torch.sigmoid(self.a2(n))
+        m = self.norm_b(h)
+        return self.b(m) + m
+
+
+@torch.no_grad()
+def test_awq_scale_is_folded_into_a_norm_only_linears_read():
+    import copy
+
+    from qcompile.pack_cache import cached_packed_weights
+
+    torch.manual_seed(0)
+    model = NormThenLinears().eval()
+    with torch.no_grad():
+        for norm in (model.norm_a, model.norm_b):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.1, 0.1)
+    original = copy.deepcopy(model)
+    x = activations(128, 64, seed=4)
+    config = {"format": "qcompile", "version": 1, "default": {"type": "awq", "group_size": 32}}
+    result = qcompile.calibrate(model, [x[:64], x[64:]], config, progress=False)
+    forms = {name: cached_packed_weights(getattr(model, name).weight)[0] for name in ("a1", "a2", "b")}
+    assert forms["a1"].input_scale is None and forms["a2"].input_scale is None  # folded into norm_a
+    assert forms["b"].input_scale is not None  # norm_b's output also feeds the residual
+    assert not torch.equal(model.norm_a.weight, original.norm_a.weight)
+    assert not torch.equal(model.norm_a.bias, original.norm_a.bias)
+    assert torch.equal(model.norm_b.weight, original.norm_b.weight)
+    # The compiled model equals the float model with the folded norm and the packed weights, decoded.
+    reference = copy.deepcopy(original)
+    reference.norm_a.load_state_dict(model.norm_a.state_dict())
+    for name, form in forms.items():
+        getattr(reference, name).weight.copy_(form.dequantize(torch.float32))
+    out = torch.compile(model, backend="qcompile", options={"config": result, "inner": "eager"})(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+    assert (out - original(x)).norm() < 0.1 * original(x).norm()
