@@ -22,7 +22,6 @@ the returned config, runs the packed forms. Progress goes to stderr, one line pe
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -40,8 +39,6 @@ from qcompile.passes.observe_linear import observe_linears
 from qcompile.passes.scale_fold import ScaleFold, find_scale_folds
 from qcompile.passes.sites import find_linear_sites
 from qcompile.quantize_model import PlannedWeight, guard_packed, install_packed, planned_targets
-
-log = logging.getLogger("qcompile")
 
 
 class _Recorder:
