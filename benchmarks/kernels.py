@@ -67,6 +67,14 @@ def schemes() -> dict[str, SchemeCase]:
         SchemeCase("llm_int8", lambda: qcompile.Int8(threshold=6.0), True, "bnb_linear8bitlt"),
         SchemeCase("int8_weight_only", lambda: qcompile.Int8WeightOnly(), False, None),
         SchemeCase("w8a8_dynamic", lambda: qcompile.W8A8Dynamic(), True, None),
+        # GPTQ's layout (a GPTQ or AWQ checkpoint runs this decode; act-order only permutes g_idx), HQQ's
+        # float16 zeros, and quanto's float8: the low-bit family's other decodes.
+        SchemeCase("affine_int4_g128", lambda: qcompile.Affine(bits=4, group_size=128, compute_dtype=bf16), False,
+                   None),
+        SchemeCase("affine_int3_g128", lambda: qcompile.Affine(bits=3, group_size=128, compute_dtype=bf16), False,
+                   None),
+        SchemeCase("hqq_int4_g64", lambda: qcompile.HQQ(bits=4, group_size=64, compute_dtype=bf16), False, None),
+        SchemeCase("float8", lambda: qcompile.Float8(), False, None),
     ]
     return {c.name: c for c in cases}
 
@@ -392,7 +400,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help=f"subset of {', '.join(s[0] for s in LLAMA3_8B_SHAPES)}")
     parser.add_argument("--m", type=_ints, default=None, help="comma-separated M values")
     parser.add_argument("--schemes", type=_names, default=None, help="subset of nf4_dq, fp4, llm_int8, "
-                        "int8_weight_only, w8a8_dynamic")
+                        "int8_weight_only, w8a8_dynamic, affine_int4_g128, affine_int3_g128, hqq_int4_g64, float8")
     parser.add_argument("--impls", type=_names, default=None,
                         help="kernels to time: triton and/or reference (default: triton; smoke: both)")
     parser.add_argument("--autotune", choices=("off", "fast", "max"), default=None,

@@ -24,13 +24,13 @@ def test_kernels_smoke_writes_json_and_plots(tmp_path):
     from benchmarks import kernels
 
     # Two commands into one folder: the second run's rows merge into the first run's file.
-    for scheme in ("nf4_dq", "llm_int8"):
+    for scheme in ("nf4_dq", "llm_int8", "hqq_int4_g64"):
         assert kernels.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_a", "--m", "1",
                              "--schemes", scheme]) == 0
     doc = json.loads((tmp_path / "kernels.json").read_text())
     for key in ("environment", "peaks", "results", "goals", "plots", "shapes", "ms", "schemes", "runs"):
         assert key in doc
-    assert doc["schemes"] == ["nf4_dq", "llm_int8"] and len(doc["runs"]) == 2
+    assert doc["schemes"] == ["nf4_dq", "llm_int8", "hqq_int4_g64"] and len(doc["runs"]) == 3
     for key in ("device", "torch", "triton", "bitsandbytes"):
         assert key in doc["environment"]
     assert doc["peaks"]["copy_gbps"] > 0 and doc["peaks"]["bf16_tflops"] > 0
@@ -38,7 +38,7 @@ def test_kernels_smoke_writes_json_and_plots(tmp_path):
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     impls = {(r["scheme"], r["impl"]) for r in rows}
     expected = {("bf16", "torch"), ("nf4_dq", "reference"), ("nf4_dq", "triton"), ("llm_int8", "reference"),
-                ("llm_int8", "triton")}
+                ("llm_int8", "triton"), ("hqq_int4_g64", "reference"), ("hqq_int4_g64", "triton")}
     assert expected <= impls
     for r in rows:
         for key in ("median_s", "tflops", "gbps", "pct_roofline", "speedup_vs_bf16", "roofline_s"):
