@@ -25,7 +25,7 @@ from torch._dynamo.exc import ShortenTraceback
 from qcompile import config as config_module
 from qcompile.config import QuantConfig
 from qcompile.decisions import config_key, record
-from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, strip_expect_quantized
+from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, note_compiled_frame, strip_expect_quantized
 from qcompile.memory import memory_footprint
 from qcompile.ops.dispatch import KERNELS
 from qcompile.ops.quantized_linear import scheme_key
@@ -273,6 +273,7 @@ def _after_first_call(compiled: Callable[..., Any], first_call: Callable[[Any], 
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions, mode: str | None):
+    note_compiled_frame()
     try:
         plan, rewritten, releasable, linears = quantize_graph(gm, example_inputs, opts)
     except ValueError as e:
@@ -282,8 +283,10 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
     if opts.on_plan is not None:
         opts.on_plan(plan)
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
-    if not rewritten:
+    if not rewritten and all(scheme is None for *_, scheme in linears):
         return compiled
+    # Guards even when this graph rewrote nothing: the model's quantized linears may all run outside graphs
+    # (eager activation checkpointing, which dynamo falls back to when it cannot trace a layer).
     policy = FallbackPolicy(opts.on_fallback, opts.quantize_trainable)
 
     def release_all() -> None:

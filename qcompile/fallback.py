@@ -18,10 +18,14 @@ pre-hook (:class:`FallbackGuard`):
   qcompile's backend removes those nodes (:func:`strip_expect_quantized`); any other backend runs
   them, and they report.
 * When it runs eagerly, it asks dynamo whether a compiled region is active (dynamo's frame callback
-  is set): then dynamo chose to run this module without compiling it, and it reports. A plain eager
-  call (no ``torch.compile`` on the stack, or inside ``torch.compiler.disable``) is the user's float
-  model and is left alone, unless the weight was released (``release_weights=True``): then it
-  always raises, since the float data is gone.
+  is set): then dynamo chose to run this module without compiling it, and it reports. It also reports
+  when a frame qcompile compiled is on the Python stack although the callback is unset: torch runs
+  code inside a compiled frame with dynamo disabled, as eager activation checkpointing does when
+  dynamo cannot trace the checkpointed layer (transformers 5.25 with the ``kernels`` package: every
+  checkpointed layer ran in float without a report before this check). A plain eager call (no
+  ``torch.compile`` on the stack, or a ``torch.compiler.disable`` region under another backend's
+  frame) is the user's float model and is left alone, unless the weight was released
+  (``release_weights=True``): then it always raises, since the float data is gone.
 
 Reporting follows the backend option ``on_fallback``: ``"error"`` (default) raises a RuntimeError
 naming the module, ``"warn"`` warns once per compile (a :class:`FloatFallbackWarning`, naming the first
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -96,8 +101,39 @@ def _compiled_region_active() -> bool:
     return get is not None and get() is not None
 
 
+# The code objects of the frames qcompile's backend compiled (weak: code objects come and go with functions).
+_QCOMPILE_CODES: weakref.WeakSet = weakref.WeakSet()
+
+
+def note_compiled_frame() -> None:
+    """Called by the backend while dynamo compiles a frame: remember that frame's code as qcompile's."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        _QCOMPILE_CODES.add(InstructionTranslator.current_tx().output.root_tx.f_code)
+    except (AttributeError, AssertionError, RuntimeError, ImportError, TypeError):
+        pass  # not inside dynamo (a graph built by hand): there is no frame to remember
+
+
+def _inside_qcompile_frame() -> bool:
+    """Whether a frame dynamo runs as qcompile compiled it (its transformed code) is on the Python stack."""
+    if not _QCOMPILE_CODES:
+        return False
+    try:
+        from torch._dynamo.utils import orig_code_map
+    except ImportError:
+        return False
+    frame = sys._getframe(2)
+    while frame is not None:
+        original = orig_code_map.get(frame.f_code)
+        if original is not None and original in _QCOMPILE_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 _EAGER = ("outside a qcompile graph (without torch.compile, or dynamo ran this code as plain Python: "
-          "TORCH_LOGS=recompiles says why)")
+          "TORCH_LOGS=recompiles,graph_breaks says why)")
 _FOREIGN = "in a graph compiled by another torch.compile backend (a nested torch.compile: the outer one wins)"
 
 
@@ -129,8 +165,10 @@ class FallbackGuard:
                 mode = "released" if self.released else self.on_fallback
                 torch.ops.qcompile.expect_quantized.default(x, self.name, mode)
             return
-        if self.released or (_compiled_region_active() and not self._planned_float()):
-            report(self.name, _EAGER, self.policy, self.released)
+        if self.released:
+            report(self.name, _EAGER, self.policy, True)
+        elif not self._planned_float() and (_compiled_region_active() or _inside_qcompile_frame()):
+            report(self.name, _EAGER, self.policy)
 
 
 # Module -> its guard, so that a recompile or a second compile updates the guard instead of adding one.

@@ -165,3 +165,44 @@ def test_guards_follow_the_config_and_the_grad_mode():
     model.a.weight.requires_grad_(True)
     with torch.enable_grad(), torch._dynamo.config.patch(recompile_limit=1):
         compiled(torch.randn(3, 5, 64), False)  # a trainable weight under grad is float by the plan: no report
+
+
+class _CheckpointedWithSideEffect(torch.nn.Module):
+    """A layer run under activation checkpointing whose forward has a side effect dynamo cannot keep inside
+    the checkpoint (transformers 5.25's ``kernels`` layers set a context variable): dynamo runs the checkpoint
+    eagerly, with itself disabled, inside the compiled forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in = torch.nn.Linear(64, 64)
+        self.fc = torch.nn.Linear(64, 64)
+        self.lm_head = torch.nn.Linear(64, 8)
+        self.calls = {"n": 0}
+
+    def _inner(self, h):
+        self.calls["n"] += 1
+        return torch.relu(self.fc(h))
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self._inner, self.fc_in(x), use_reentrant=False)
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("on_fallback", ["error", "warn"])
+def test_a_layer_run_by_eager_checkpointing_inside_the_compiled_forward_is_reported(on_fallback):
+    torch.manual_seed(0)
+    model = _CheckpointedWithSideEffect().train()
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    compiled = torch.compile(model, backend="qcompile", options={"inner": "eager", "on_fallback": on_fallback})
+    x = torch.randn(4, 64, requires_grad=True)
+    if on_fallback == "error":
+        with pytest.raises(RuntimeError, match=r"fc ran in float although qcompile quantized its weight fc.weight"):
+            for _ in range(2):
+                compiled(x).sum().backward()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            compiled(x).sum().backward()
+    assert any(issubclass(w.category, FloatFallbackWarning) and "fc ran in float" in str(w.message) for w in caught)
