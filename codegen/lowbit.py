@@ -514,12 +514,9 @@ def linear_4bit(
     n, k = int(out_features), int(in_features)
     if n <= 0 or k <= 0:
         raise ValueError(f"{FN}: out_features and in_features must be positive, got {n}, {k}")
-    if variant not in VARIANTS:
-        raise ValueError(f"{FN}: variant {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
+    _check_options(FN, variant, compute_dtype)
     if not isinstance(blocksize, int) or blocksize <= 0 or blocksize & (blocksize - 1):
         raise ValueError(f"{FN}: blocksize must be a positive power of two, got {blocksize!r}")
-    if compute_dtype not in common.FLOAT_DTYPES:
-        raise ValueError(f"{FN}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
     if (nested_absmax is None) != (nested_code is None):
         raise ValueError(f"{FN}: nested_absmax and nested_code must be given together (double quantization)")
     common.check_runnable(FN, lowbit_gemm_kernel, x, packed, absmax, code, nested_absmax, nested_code, bias)
@@ -581,10 +578,9 @@ def linear_affine(
     n, k = int(out_features), int(in_features)
     if n <= 0 or k <= 0:
         raise ValueError(f"{name}: out_features and in_features must be positive, got {n}, {k}")
+    _check_options(name, variant, compute_dtype)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"{name}: bits {bits!r} is not allowed; allowed: 2, 3, 4, 8")
-    if compute_dtype not in common.FLOAT_DTYPES:
-        raise ValueError(f"{name}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
     if (qzeros is None) == (zeros is None):
         raise ValueError(f"{name}: exactly one of qzeros (packed zero points) and zeros (float16) is expected")
     run, words = (32, 3) if bits == 3 else (32 // bits, 1)
@@ -620,8 +616,7 @@ def linear_float8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
     """``x @ (float8(weight) * scale[:, None]).T + bias`` in x.dtype: weight uint8 [N, K] (e4m3 bytes), scale
     float32 [N] (``formats/float8.py``). variant / config as :func:`linear_4bit`."""
     name = "linear_float8"
-    if compute_dtype not in common.FLOAT_DTYPES:
-        raise ValueError(f"{name}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
+    _check_options(name, variant, compute_dtype)
     common.check_runnable(name, lowbit_gemm_kernel, x, weight, scale, bias)
     common.check_dtype(name, "x", x, common.FLOAT_DTYPES)
     common.check_dtype(name, "weight", weight, (torch.uint8,))
@@ -637,6 +632,14 @@ def linear_float8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
                   ALIGNED=False)
     return _launch(x, x2, weight.contiguous(), (scale, scale, scale, scale), bias, 0.0, n, k, compute_dtype, variant,
                    config, consts)
+
+
+def _check_options(fn: str, variant: str, compute_dtype: torch.dtype) -> None:
+    """ValueError naming ``fn`` for a variant or compute dtype the family does not have."""
+    if variant not in VARIANTS:
+        raise ValueError(f"{fn}: variant {variant!r} is not allowed; allowed: {', '.join(VARIANTS)}")
+    if compute_dtype not in common.FLOAT_DTYPES:
+        raise ValueError(f"{fn}: compute_dtype {compute_dtype} is not allowed; allowed: float16, bfloat16, float32")
 
 
 def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],

@@ -95,6 +95,8 @@ def test_bad_arguments_are_named():
     args = list(op_arguments(packed, torch.randn(1, K), None, "triton")[:-1])
     with pytest.raises(ValueError, match="bits 5 is not allowed"):
         linear_affine(*args[:8], 5, *args[9:])
+    with pytest.raises(ValueError, match="linear_affine: variant 'gemmm' is not allowed"):
+        linear_affine(*args, variant="gemmm")
     args[2], args[3] = None, None  # neither qzeros nor zeros
     with pytest.raises(ValueError, match="exactly one of qzeros"):
         linear_affine(*args)

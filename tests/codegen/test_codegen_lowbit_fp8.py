@@ -35,3 +35,14 @@ def test_every_variant_matches_the_reference(variant, dtype):
 
     y = linear_float8(x, packed.weight, packed.scale, bias, dtype, variant=variant)
     torch.testing.assert_close(y, linear(packed, x, bias, kernels="reference"), **ref.tolerance(dtype))
+
+
+@requires_interpreter
+def test_bad_variant_or_compute_dtype_is_named():
+    from qcompile.codegen.lowbit import linear_float8
+
+    packed = qcompile.pack(torch.randn(8, 16), Float8())
+    with pytest.raises(ValueError, match="linear_float8: variant 'gemmm' is not allowed"):
+        linear_float8(torch.randn(1, 16), packed.weight, packed.scale, None, torch.float32, variant="gemmm")
+    with pytest.raises(ValueError, match="linear_float8: compute_dtype torch.int8 is not allowed"):
+        linear_float8(torch.randn(1, 16), packed.weight, packed.scale, None, torch.int8)
