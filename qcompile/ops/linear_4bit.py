@@ -13,16 +13,14 @@ from qcompile.formats.blockwise import (
     float_absmax,
 )
 from qcompile.formats.fourbit import FourBitScheme
+from qcompile.ops.banded import band_rows
 from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
 
-# The reference linear dequantizes CHUNK_ELEMENTS weights (a band of whole rows) at a time into one
-# reused buffer that stays in cache; dequantizing a whole 4096x4096 weight instead allocates 64 MiB
+# The reference linear dequantizes CHUNK_ELEMENTS weights (a band of whole rows, ``ops/banded.py``) at a time
+# into one reused buffer that stays in cache; dequantizing a whole 4096x4096 weight instead allocates 64 MiB
 # of fresh pages per call, and on a 2-core AVX-512 CPU the page faults alone took ~20 ms.
 # Measured (4096x4096 NF4 + double quant, M=1): 3-4x faster than one whole-weight dequantize.
-# A band has at least MIN_BAND_ROWS rows, since the matmul of a narrow band is inefficient for
-# large M (K=14336, M=256: 73-row bands 1.4x slower than 292-row ones).
-MIN_BAND_ROWS = 128
 
 
 def linear_4bit_reference(
@@ -49,7 +47,7 @@ def linear_4bit_reference(
     x_c = x.to(compute_dtype)
     bias_c = None if bias is None else bias.to(compute_dtype)
     absmax = float_absmax(absmax, nested_absmax, nested_code, nested_offset)
-    rows = max(MIN_BAND_ROWS, chunk_weights // in_features)
+    rows = band_rows(in_features, chunk_weights)
     if in_features % blocksize or in_features % 2 or rows >= out_features:
         # Blocks straddle rows (or one band is the whole weight): decode it in one go.
         weight = dequantize_4bit(packed, absmax, code, blocksize, (out_features, in_features), compute_dtype)

@@ -1,17 +1,13 @@
 """``qcompile::linear_affine``: F.linear with an affine group-wise integer weight (GPTQ layout; affine, hqq)."""
 
 import torch
-import torch.nn.functional as F
 
 from qcompile.formats.affine import AffineScheme
 from qcompile.formats.blockwise import CHUNK_ELEMENTS
 from qcompile.formats.packed_affine import decode_affine
+from qcompile.ops.banded import banded_linear
 from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
-
-# As the 4-bit reference: decode a band of output features at a time (about CHUNK_ELEMENTS weights, at
-# least MIN_BAND_ROWS rows), so no float copy of the whole weight is made.
-MIN_BAND_ROWS = 128
 
 
 def linear_affine_reference(
@@ -30,16 +26,12 @@ def linear_affine_reference(
     chunk_weights: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Dequantize to ``compute_dtype`` a band of rows at a time; ``F.linear`` in ``compute_dtype``; cast back."""
-    x_c = x.to(compute_dtype)
-    bias_c = None if bias is None else bias.to(compute_dtype)
-    rows = max(MIN_BAND_ROWS, chunk_weights // in_features)
-    out = x_c.new_empty((*x.shape[:-1], out_features))
-    for start in range(0, out_features, rows):
-        stop = min(start + rows, out_features)
-        weight = decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, slice(start, stop),
-                               compute_dtype, input_scale)
-        out[..., start:stop] = F.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
-    return out.to(x.dtype)
+
+    def decode_rows(start: int, stop: int) -> torch.Tensor:
+        return decode_affine(qweight, qzeros, zeros, scales, g_idx, bits, out_features, slice(start, stop),
+                             compute_dtype, input_scale)
+
+    return banded_linear(x, bias, out_features, in_features, compute_dtype, decode_rows, chunk_weights)
 
 
 SCHEMA = (

@@ -1,29 +1,19 @@
 """``qcompile::linear_float8``: F.linear with float8 e4m3 weights and a per-row scale (quanto's float8)."""
 
 import torch
-import torch.nn.functional as F
 
 from qcompile.formats.float8 import Float8, decode_float8
+from qcompile.ops.banded import banded_linear
 from qcompile.ops.bindings import bind
 from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
-
-# Rows decoded at a time by the reference, as the other formats' references do.
-BAND_ELEMENTS = 1 << 20
 
 
 def linear_float8_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                             compute_dtype: torch.dtype) -> torch.Tensor:
     """Decode a band of rows to ``compute_dtype``, ``F.linear`` in it, cast back to x's dtype."""
     n, k = weight.shape
-    x_c = x.to(compute_dtype)
-    bias_c = None if bias is None else bias.to(compute_dtype)
-    rows = max(128, BAND_ELEMENTS // k)
-    out = x_c.new_empty((*x.shape[:-1], n))
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        w = decode_float8(weight[start:stop], scale[start:stop], compute_dtype)
-        out[..., start:stop] = F.linear(x_c, w, None if bias_c is None else bias_c[start:stop])
-    return out.to(x.dtype)
+    return banded_linear(x, bias, n, k, compute_dtype,
+                         lambda start, stop: decode_float8(weight[start:stop], scale[start:stop], compute_dtype))
 
 
 SCHEMA = "(Tensor x, Tensor weight, Tensor scale, Tensor? bias, ScalarType compute_dtype, str kernels) -> Tensor"
