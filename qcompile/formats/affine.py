@@ -23,7 +23,7 @@ import torch
 
 from qcompile.dtypes import FLOAT_DTYPES
 from qcompile.formats.int32_words import BITS, run_length
-from qcompile.formats.scheme import Scheme, check_dtype, check_type, register_scheme
+from qcompile.formats.scheme import Scheme, check_dtype, check_finite, check_type, register_scheme
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +113,7 @@ def round_to_nearest_params(weight: torch.Tensor, scheme: AffineScheme,
     of 0 would wrap (a known defect of that layout), so an all-non-negative group gets zero 1 and the
     scale that puts its maximum on the top level.
     """
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"{name}: weight holds NaN or Inf; cannot quantize")
+    check_finite(weight, name)
     maxq = 2**scheme.bits - 1
     groups = grouped(weight, scheme)
     lo = groups.amin(-1).clamp(max=0)
@@ -130,8 +129,13 @@ def round_to_nearest_params(weight: torch.Tensor, scheme: AffineScheme,
         zero = torch.full_like(scale, float(2 ** (scheme.bits - 1)))
         return scale, zero
     scale = (hi - lo) / maxq
-    zero = torch.round(-lo / scale)
+    return storable_zero(scale, torch.round(-lo / scale), hi, maxq)
+
+
+def storable_zero(scale: torch.Tensor, zero: torch.Tensor, hi: torch.Tensor,
+                  maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` with every zero point at least 1: GPTQ's layout stores ``zero - 1``, so a group whose
+    zero point rounds to 0 gets zero 1 and the scale ``hi / (maxq - 1)`` that keeps its maximum ``hi`` on the
+    top level."""
     at_zero = zero < 1
-    scale = torch.where(at_zero, hi / (maxq - 1), scale)
-    zero = torch.where(at_zero, 1.0, zero)
-    return scale, zero
+    return torch.where(at_zero, hi / (maxq - 1), scale), torch.where(at_zero, 1.0, zero)

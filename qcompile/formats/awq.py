@@ -29,9 +29,9 @@ from typing import ClassVar
 
 import torch
 
-from qcompile.formats.affine import AffineScheme, grouped
+from qcompile.formats.affine import AffineScheme, grouped, storable_zero
 from qcompile.formats.observations import Observations
-from qcompile.formats.scheme import register_scheme
+from qcompile.formats.scheme import check_finite, register_scheme
 
 GRID = 20
 CLIP_STEPS = 10  # shrink the range by up to (CLIP_STEPS - 1) / GRID = 45%
@@ -60,16 +60,13 @@ class AWQ(AffineScheme):
         """AWQ's round-to-nearest per group: the group's own min / max (0 need not be inside), zero point
         ``-round(min / scale)``; where that is 0 (a group of non-negative weights, or nearly), the zero point
         is 1 and the scale puts the maximum on the top level, since GPTQ's layout stores ``zero - 1``."""
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}: weight holds NaN or Inf; cannot quantize")
+        check_finite(weight, name)
         maxq = 2**self.bits - 1
         groups = grouped(weight, self)
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = (hi - lo).clamp(min=1e-5) / maxq
         zero = torch.clamp(-torch.round(lo / scale), 0, maxq)
-        at_zero = zero < 1
-        scale = torch.where(at_zero, hi.clamp(min=1e-5) / (maxq - 1), scale)
-        return scale, torch.where(at_zero, 1.0, zero)
+        return storable_zero(scale, zero, hi.clamp(min=1e-5), maxq)
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` quantized and dequantized with :meth:`fit` (float32), as the search scores it."""

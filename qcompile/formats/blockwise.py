@@ -54,6 +54,7 @@ import torch
 
 from qcompile.formats.codes import DYNAMIC_LUT_SIZE, dynamic_code, dynamic_lut, fourbit_bounds, fourbit_code
 from qcompile.formats.fourbit import NESTED_BLOCKSIZE
+from qcompile.formats.scheme import check_finite
 
 # Elements per streaming chunk: a 4 MiB float32 working buffer. Measured on a 2-core AVX-512
 # CPU (4096x4096, bf16 and fp32): 2**20 was fastest; 2**16 is ~1.5x slower (per-call
@@ -77,11 +78,6 @@ def resolve_rule(rule: str | None, device: torch.device) -> str:
     if rule not in RULES:
         raise ValueError(f"rule: {rule!r} is not allowed; allowed: 'cpu', 'cuda', or None (by device)")
     return rule
-
-
-def _check_finite(absmax: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(absmax).all()):
-        raise ValueError(f"{name}: weight contains NaN or Inf values; refusing to quantize it")
 
 
 def _ranks(scaled: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -161,7 +157,7 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, kind: str, name: str = "
         packed[full_blocks * half:] = _pack_nibbles(nibbles)
     # NaN/Inf survive amax and clamp, so one look at the absmax vector after the loop
     # (a single device sync) catches a bad element anywhere in the weight.
-    _check_finite(absmax, name)
+    check_finite(absmax, name)
     return packed, absmax
 
 

@@ -11,8 +11,9 @@ import functools
 
 import torch
 
-from qcompile.formats.blockwise import _check_finite, _pack_nibbles, _ranks
+from qcompile.formats.blockwise import _pack_nibbles, _ranks
 from qcompile.formats.codes import dynamic_code
+from qcompile.formats.scheme import check_finite
 
 # Smallest normal float32. The CUDA kernels are built with --use_fast_math: operands and results
 # below it in magnitude are flushed to zero.
@@ -110,7 +111,7 @@ def quantize_4bit_cuda(flat: torch.Tensor, blocksize: int, kind: str, name: str,
         nibbles = _cuda_nibbles(scaled, kind)
         byte_stop = (stop + 1) // 2
         packed[b0 * half:byte_stop] = _pack_nibbles(nibbles.view(-1))[:byte_stop - b0 * half]
-    _check_finite(absmax, name)
+    check_finite(absmax, name)
     return packed, absmax
 
 

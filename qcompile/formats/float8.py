@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from qcompile.formats.scheme import PackedWeight, Scheme, register_scheme
+from qcompile.formats.scheme import PackedWeight, Scheme, check_finite, register_scheme
 
 E4M3_MAX = 448.0
 
@@ -25,8 +25,7 @@ class Float8(Scheme):
     kind = "float8"
 
     def pack(self, weight: torch.Tensor, name: str = "weight") -> PackedFloat8:
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}: weight holds NaN or Inf; cannot quantize")
+        check_finite(weight, name)
         w = weight.detach().float()
         scale = (w.abs().amax(1) / E4M3_MAX).clamp(min=1e-12)
         q = (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

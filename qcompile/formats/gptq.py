@@ -27,7 +27,7 @@ import torch
 
 from qcompile.formats.affine import AffineScheme, round_to_nearest_params
 from qcompile.formats.observations import Observations
-from qcompile.formats.scheme import check_type, register_scheme
+from qcompile.formats.scheme import check_finite, check_type, register_scheme
 
 # Columns solved before the rest of W is updated (AutoGPTQ's blocksize); a multiple of the group size.
 BLOCK_COLUMNS = 128
@@ -107,8 +107,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, scheme: GPTQ,
           name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ on float32 ``weight`` [N, K] and ``hessian`` [K, K]: ``(q [N, K], scale [N, G], zero [N, G],
     g_idx [K])`` with ``q`` and ``g_idx`` in the original column order."""
-    if not torch.isfinite(weight).all() or not torch.isfinite(hessian).all():
-        raise ValueError(f"{name}: weight or its Hessian holds NaN or Inf; cannot quantize")
+    check_finite(weight, name)
+    check_finite(hessian, name, " (in the Hessian of its inputs)")
     out_features, in_features = weight.shape
     maxq = 2**scheme.bits - 1
     group = in_features if scheme.group_size == -1 else scheme.group_size

@@ -23,7 +23,7 @@ import torch
 
 from qcompile.formats.affine import AffineScheme, grouped
 from qcompile.formats.blockwise import CHUNK_ELEMENTS
-from qcompile.formats.scheme import check_type, register_scheme
+from qcompile.formats.scheme import check_finite, check_type, register_scheme
 
 # HQQ's defaults (hqq/core/optimize.py): the l_p norm of the error, the penalty and its growth per step.
 LP_NORM = 0.7
@@ -61,8 +61,7 @@ class HQQ(AffineScheme):
         check_type(self, "scale_search", bool)
 
     def fit(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}: weight holds NaN or Inf; cannot quantize")
+        check_finite(weight, name)
         groups = grouped(weight, self).reshape(-1, weight.shape[1] // self.groups(weight.shape[1]))
         maxq = 2**self.bits - 1
         shrink_factors = RANGE_SHRINK if self.scale_search else (1.0,)

@@ -75,20 +75,18 @@ class PackedAffine(PackedWeight):
             g_idx = (torch.arange(in_features, device=weight.device) // (in_features // scales.shape[0]))
             s = scales.float().t()[:, g_idx]  # [N, K]
             if scheme.integer_zeros:
-                z = zero.t().contiguous().round()  # [groups, N]
-                q = torch.clamp(torch.round(weight.float() / s) + z.t()[:, g_idx], 0, maxq)
-                qzeros, zeros = pack_int32((z - 1).to(torch.int64), scheme.bits, 1), None
-            else:
-                zeros = zero.t().contiguous().to(torch.float16)
-                q = torch.clamp(torch.round(weight.float() / s + zeros.float().t()[:, g_idx]), 0, maxq)
-                qzeros = None
+                z = zero.round()  # [N, groups]
+                q = torch.clamp(torch.round(weight.float() / s) + z[:, g_idx], 0, maxq)
+                return cls.from_integers(scheme, q, scale, z, g_idx, dtype or weight.dtype, input_scale)
+            zeros = zero.t().contiguous().to(torch.float16)
+            q = torch.clamp(torch.round(weight.float() / s + zeros.float().t()[:, g_idx]), 0, maxq)
             qweight = pack_int32(q.to(torch.int64).t(), scheme.bits, 0)
-        return cls(scheme, (out_features, in_features), dtype or weight.dtype, qweight, qzeros, zeros, scales,
+        return cls(scheme, (out_features, in_features), dtype or weight.dtype, qweight, None, zeros, scales,
                    g_idx.to(torch.int32), input_scale)
 
     @classmethod
     def from_integers(cls, scheme: AffineScheme, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                      g_idx: torch.Tensor, dtype: torch.dtype) -> PackedAffine:
+                      g_idx: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> PackedAffine:
         """Pack integers ``q`` [N, K] in ``[0, 2**bits)`` with their groups' ``scale`` (stored float16) and
         integer ``zero`` ([N, groups]) and each input feature's group ``g_idx`` [K] (GPTQ's act-order
         permutes it)."""
@@ -96,7 +94,7 @@ class PackedAffine(PackedWeight):
         qweight = pack_int32(q.to(torch.int64).t(), scheme.bits, 0)
         qzeros = pack_int32((zero.t().round() - 1).to(torch.int64), scheme.bits, 1)
         return cls(scheme, (out_features, in_features), dtype, qweight, qzeros, None,
-                   scale.t().contiguous().to(torch.float16), g_idx.to(torch.int32))
+                   scale.t().contiguous().to(torch.float16), g_idx.to(torch.int32), input_scale)
 
     @classmethod
     def from_gptq(cls, scheme: AffineScheme, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qcompile.formats.scheme import PackedWeight, Scheme
+from qcompile.formats.scheme import PackedWeight, Scheme, check_finite
 
 if TYPE_CHECKING:
     from qcompile.formats.int8 import Int8
@@ -29,11 +29,6 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 18
 # bitsandbytes' dequantization multiplier 1/127, as a float literal (int8_vectorwise_dequant).
 INV_127 = 7.874015718698502e-3
-
-
-def _check_finite(absmax: torch.Tensor, name: str, hint: str = "") -> None:
-    if not bool(torch.isfinite(absmax).all()):
-        raise ValueError(f"{name}: weight contains NaN or Inf values{hint}; refusing to quantize it")
 
 
 def rowwise_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +52,7 @@ def _quantize_rows(weight: torch.Tensor, cast: torch.dtype, name: str, hint: str
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, n)
         q[r0:r1], absmax[r0:r1] = rowwise_int8(weight[r0:r1].to(cast))
-    _check_finite(absmax, name, hint)
+    check_finite(absmax, name, hint)
     return q, absmax
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from qcompile.formats.affine import AffineScheme, grouped
-from qcompile.formats.scheme import register_scheme
+from qcompile.formats.scheme import check_finite, register_scheme
 
 
 @register_scheme
@@ -32,8 +32,7 @@ class Quanto(AffineScheme):
                              "(allowed: false)")
 
     def fit(self, weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"{name}: weight holds NaN or Inf; cannot quantize")
+        check_finite(weight, name)
         groups = grouped(weight, self)
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = torch.where(hi > lo, (hi - lo) / (2**self.bits - 1), torch.ones_like(hi))

@@ -142,6 +142,12 @@ def check_type(scheme: Scheme, name: str, types: type | tuple[type, ...]) -> Non
         raise ValueError(f"{scheme.kind}.{name}: expected {names}, got {type(value).__name__} {value!r}")
 
 
+def check_finite(tensor: torch.Tensor, name: str, hint: str = "") -> None:
+    """ValueError naming the weight ``name`` when ``tensor`` (the weight, or a statistic of it) has NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: weight contains NaN or Inf values{hint}; refusing to quantize it")
+
+
 def check_dtype(scheme: Scheme, name: str) -> None:
     """Accept a dtype or dtype name for field ``name`` and store the torch.dtype."""
     value = getattr(scheme, name)

@@ -42,5 +42,5 @@ def test_quanto_float8_config_loads():
 def test_nan_weights_are_refused_by_name():
     w = weight((8, 16))
     w[1, 2] = float("inf")
-    with pytest.raises(ValueError, match="layer.weight: weight holds NaN or Inf"):
+    with pytest.raises(ValueError, match="layer.weight: weight contains NaN or Inf values"):
         qcompile.pack(w, Float8(), name="layer.weight")
