@@ -122,9 +122,9 @@ def calibrate(
         recorder.discovering = True
         _run(compiled, inputs[:1])
         recorder.discovering = False
-        stages = recorder.stages() if sequential else [[key for key, _ in recorder.order]]
-        stages = [list(dict.fromkeys(stage)) for stage in stages]
-        unseen = [t.name for key, t in calibrated.items() if key not in {k for s in stages for k in s}]
+        stages = recorder.stages() if sequential else [list(dict.fromkeys(key for key, _ in recorder.order))]
+        seen = {key for stage in stages for key in stage}
+        unseen = [t.name for key, t in calibrated.items() if key not in seen]
         if unseen:
             raise ValueError(f"{unseen[0]}: never run by the calibration batches ({len(unseen)} weights not reached); "
                              "pass inputs that run every layer the config calibrates")
