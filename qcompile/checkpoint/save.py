@@ -223,7 +223,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return callable(getattr(config, "to_dict", None)) and callable(getattr(config, "save_pretrained", None))
 
-def _bnb_key(scheme: Scheme) -> tuple:
+def _config_key(scheme: Scheme) -> tuple:
     """What a quantization_config records of a scheme: two schemes with different keys need two configs."""
     if isinstance(scheme, AffineScheme):
         return ("gptq", *sorted(_gptq_settings(scheme).items()))
@@ -231,7 +231,7 @@ def _bnb_key(scheme: Scheme) -> tuple:
         return ("4bit", scheme.kind, scheme.blocksize, scheme.double_quant, scheme.compute_dtype, scheme.quant_storage)
     if isinstance(scheme, Int8):
         return ("8bit", scheme.threshold, scheme.has_fp16_weight)
-    raise ValueError(f"{scheme.kind}: has no bitsandbytes layout")
+    raise ValueError(f"{scheme.kind}: has no checkpoint layout (bitsandbytes or GPTQ)")
 
 
 def _gptq_settings(scheme: AffineScheme) -> dict[str, Any]:
@@ -290,16 +290,16 @@ def _transformers_converts(module: nn.Module) -> bool:
 
 
 def _transformers_quantization_config(model: nn.Module, packed: Mapping[str, _PackedLinear]) -> dict[str, Any]:
-    """The quantization_config for ``config.json``; ValueError when one BitsAndBytesConfig cannot describe
-    the model (two schemes, a packed module transformers would not convert)."""
+    """The quantization_config for ``config.json`` (a BitsAndBytesConfig, or GPTQ's); ValueError when one
+    config cannot describe the model (two schemes, a packed module transformers would not convert)."""
     entries = list(packed.values())
     first = entries[0]
     for entry in entries[1:]:
-        if _bnb_key(entry.packed.scheme) != _bnb_key(first.packed.scheme):
+        if _config_key(entry.packed.scheme) != _config_key(first.packed.scheme):
             raise ValueError(
                 f"{first.module_name} is packed as {scheme_text(first.packed.scheme)} but {entry.module_name} as "
-                f"{scheme_text(entry.packed.scheme)}: config.json's quantization_config (one BitsAndBytesConfig) "
-                "describes one scheme for every quantized linear; quantize the model with one scheme")
+                f"{scheme_text(entry.packed.scheme)}: config.json's quantization_config (one BitsAndBytesConfig or "
+                "GPTQ config) describes one scheme for every quantized linear; quantize the model with one scheme")
     for entry in entries:
         if not _transformers_converts(entry.module):
             raise ValueError(f"{entry.module_name}: a {type(entry.module).__name__}, which transformers does not "
