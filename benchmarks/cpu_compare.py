@@ -1,11 +1,13 @@
-"""qcompile against bitsandbytes on CPU, for real: pack throughput and the compiled NF4 / LLM.int8() linear forward.
+"""qcompile against bitsandbytes on CPU, for real: pack throughput, the compiled NF4 / LLM.int8() linear forward,
+and end-to-end decode tokens/s.
 
-    python -m benchmarks.cpu_compare [--out benchmarks/results/cpu_compare.json] [--shapes 4096x4096] [--m 1,16]
+    python -m benchmarks.cpu_compare [--out benchmarks/results/cpu/cpu_compare.json] [--m 1,16] [--parts ...]
 
 * Pack: ``benchmarks.pack_throughput`` (qcompile.pack against ``bitsandbytes.functional.quantize_4bit`` /
   ``int8_vectorwise_quant``), GB/s of input weight.
 * Forward: a bias-free ``nn.Linear(K, N)`` compiled with ``torch.compile(backend="qcompile")``
-  (``kernels="reference"``, which "auto" is on CPU; inductor behind it) against the bitsandbytes
+  (default kernels, "auto": the C++ CPU kernels; ``qcompile_reference``: the torch reference,
+  ``kernels="reference"``, for scale; inductor behind both) against the bitsandbytes
   layer with the same settings, run as bitsandbytes users serve it (eager, eval mode:
   ``bnb_eager``), also under ``torch.compile`` (inductor) when that works, and in train mode
   (``bnb_eager_train_mode``: dequantize + F.linear, numerically what qcompile's reference computes).
@@ -14,6 +16,8 @@
   ``bnb.nn.Linear8bitLt``. The dense ``F.linear`` is timed alongside for scale.
   Times are medians over interleaved rounds (one call of each per round), so background load on a
   shared machine hits every contender alike. Compile time (first call) is reported separately.
+* Decode: ``benchmarks.cpu_decode`` (the demo model and a Llama 3.2 1B-shaped model; qcompile NF4, bitsandbytes
+  NF4, inductor bf16, eager bf16), tokens/s of ``generate()``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from benchmarks.pack_throughput import machine_info
 from benchmarks.pack_throughput import run as pack_run
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_compare.json"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu" / "cpu_compare.json"
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, dict[str, float]]:
@@ -100,18 +104,25 @@ def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_
     x[:, :4] *= 20  # outlier columns for LLM.int8() (harmless for NF4)
     layer = _bnb_layer(scheme, linear, dtype, train=False)
     layer_train = _bnb_layer(scheme, linear, dtype, train=True)
-    options = {"config": qcompile.QuantConfig(default=_scheme(scheme, dtype)), "kernels": "reference"}
-    compiled = torch.compile(linear, backend="qcompile", options=options, dynamic=False)
+    config = qcompile.QuantConfig(default=_scheme(scheme, dtype))
+    compiled = torch.compile(linear, backend="qcompile", options={"config": config}, dynamic=False)
+    compiled_reference = torch.compile(linear, backend="qcompile", options={"config": config, "kernels": "reference"},
+                                       dynamic=False)
 
     row: dict[str, Any] = {"shape": [n, k], "M": m, "dtype": str(dtype).removeprefix("torch."),
                            "scheme": SCHEMES[scheme], "scheme_name": scheme}
     fns: dict[str, Callable[[], Any]] = {}
     with torch.no_grad():
         y_q, row["qcompile_compile_s"] = _timed_first_call(lambda: compiled(x))
+        y_r = compiled_reference(x)
+        row["rel_diff_qcompile_vs_reference"] = ((y_q.float() - y_r.float()).norm() / y_r.float().norm()).item()
+        y_t = layer_train(x)
+        row["rel_diff_reference_vs_bnb_train"] = ((y_r.float() - y_t.float()).norm() / y_t.float().norm()).item()
         for mode, module in (("eval", layer), ("train", layer_train)):
             y_b = module(x)
             row[f"rel_diff_qcompile_vs_bnb_{mode}"] = ((y_q.float() - y_b.float()).norm() / y_b.float().norm()).item()
         fns["qcompile_compiled"] = lambda: compiled(x)
+        fns["qcompile_reference"] = lambda: compiled_reference(x)
         fns["bnb_eager"] = lambda: layer(x)
         fns["bnb_eager_train_mode"] = lambda: layer_train(x)
         if compile_bnb:
@@ -125,6 +136,7 @@ def forward_case(n: int, k: int, m: int, dtype: torch.dtype, reps: int, compile_
         row["timings"] = interleaved_medians(fns, reps)
     t = row["timings"]
     row["speedup_qcompile_vs_bnb_eager"] = t["bnb_eager"]["median_s"] / t["qcompile_compiled"]["median_s"]
+    row["speedup_qcompile_vs_dense"] = t["dense_f_linear"]["median_s"] / t["qcompile_compiled"]["median_s"]
     row["speedup_qcompile_vs_bnb_train_mode"] = (t["bnb_eager_train_mode"]["median_s"]
                                                  / t["qcompile_compiled"]["median_s"])
     if "bnb_compiled" in t:
@@ -143,14 +155,19 @@ def _shapes(text: str) -> tuple[tuple[int, int], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--shapes", type=_shapes, default=((4096, 4096),), help="NxK list, e.g. 4096x4096,14336x4096")
+    parser.add_argument("--parts", default="pack,forward,decode", help="pack, forward, decode (comma-separated)")
+    parser.add_argument("--shapes", type=_shapes, default=((4096, 4096), (14336, 4096), (4096, 14336)),
+                        help="NxK list, e.g. 4096x4096,14336x4096")
     parser.add_argument("--m", default="1,16", help="activation rows")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--schemes", default="nf4_dq,llm_int8", help=f"forward schemes: {', '.join(SCHEMES)}")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds of the forward comparison")
     parser.add_argument("--pack-repeats", type=int, default=5)
     parser.add_argument("--no-bnb-compile", action="store_true", help="skip torch.compile of bnb Linear4bit")
+    parser.add_argument("--decode-models", default="demo,llama_1b", help="models for the decode part")
+    parser.add_argument("--decode-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    parts = {v.strip() for v in args.parts.split(",") if v.strip()}
     dtypes = tuple(getattr(torch, d.strip()) for d in args.dtypes.split(","))
     ms = tuple(int(v) for v in args.m.split(","))
     schemes = tuple(v.strip() for v in args.schemes.split(",") if v.strip())
@@ -159,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--schemes: {unknown} unknown; allowed: {', '.join(SCHEMES)}")
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print("pack throughput (GB/s of input weight):")
-    pack = pack_run(args.shapes, tuple(str(d).removeprefix("torch.") for d in dtypes), args.pack_repeats)
-    print("compiled linear forward:")
+    pack = None
+    if "pack" in parts:
+        print("pack throughput (GB/s of input weight):")
+        pack = pack_run(args.shapes, tuple(str(d).removeprefix("torch.") for d in dtypes), args.pack_repeats)
     forward = []
-    for scheme in schemes:
+    if "forward" in parts:
+        print("compiled linear forward:")
+    for scheme in schemes if "forward" in parts else ():
         for n, k in args.shapes:
             for dtype in dtypes:
                 for m in ms:
@@ -172,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                     t = row["timings"]
                     line = "  ".join(f"{name} {v['median_s'] * 1e3:8.3f} ms" for name, v in t.items())
                     print(f"{scheme:8s} {n}x{k} M={m:<3d} {row['dtype']:8s} {line}  qcompile/bnb-eager "
-                          f"x{row['speedup_qcompile_vs_bnb_eager']:.2f}")
+                          f"x{row['speedup_qcompile_vs_bnb_eager']:.2f} qcompile/dense "
+                          f"x{row['speedup_qcompile_vs_dense']:.2f}", flush=True)
+    decode = []
+    if "decode" in parts:
+        from benchmarks.cpu_decode import VARIANTS
+        from benchmarks.cpu_decode import run as decode_run
+
+        decode = decode_run(args.decode_models.split(","), list(VARIANTS), args.decode_tokens, repeats=3)
     doc = {
         "benchmark": "cpu_compare",
         "machine": machine_info(),
@@ -181,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "pack": pack,
         "forward": {"reps": args.reps, "unit": "seconds per call (median of interleaved rounds)",
                     "results": forward},
+        "decode": {"unit": "tokens/s, batch 1, 32-token prompt, greedy, dynamic cache", "results": decode},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""Which implementation a qcompile op runs: the Triton kernels or the torch reference."""
+"""Which implementation a qcompile op runs: the Triton kernels, the C++ CPU kernels or the torch reference."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
     return True
 
 
-def triton_kernel(module: str, function: str) -> Callable[..., Any]:
+def use_cpu_kernels(kernels: str, x: torch.Tensor) -> bool:
+    """True for "auto" when ``x`` is on the CPU: try the C++ CPU kernels (``qcompile.codegen.cpu_*``), which
+    return None where they cannot run (no compiler, an unsupported dtype), and then the torch reference runs."""
+    return kernels == "auto" and x.device.type == "cpu"
+
+
+def codegen_function(module: str, function: str) -> Callable[..., Any]:
     """``qcompile.codegen.<module>.<function>``, imported on first use (Triton is optional)."""
     return getattr(importlib.import_module(f"qcompile.codegen.{module}"), function)

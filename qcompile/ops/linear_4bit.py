@@ -15,7 +15,7 @@ from qcompile.formats.blockwise import (
 from qcompile.formats.fourbit import FourBitScheme
 from qcompile.ops.banded import band_rows
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_cpu_kernels, use_triton
 
 # The reference linear dequantizes CHUNK_ELEMENTS weights (a band of whole rows, ``ops/banded.py``) at a time
 # into one reused buffer that stays in cache; dequantizing a whole 4096x4096 weight instead allocates 64 MiB
@@ -110,7 +110,11 @@ def linear_4bit(
     args = (x, packed, absmax, code, nested_absmax, nested_code, bias, nested_offset, blocksize,
             out_features, in_features, compute_dtype)
     if use_triton(kernels, x):
-        return triton_kernel("lowbit", "linear_4bit")(*args)
+        return codegen_function("lowbit", "linear_4bit")(*args)
+    if use_cpu_kernels(kernels, x):
+        out = codegen_function("cpu_lowbit", "linear_4bit")(*args)
+        if out is not None:
+            return out
     return linear_4bit_reference(*args)
 
 

@@ -7,7 +7,7 @@ from qcompile.formats.blockwise import CHUNK_ELEMENTS
 from qcompile.formats.packed_affine import decode_affine
 from qcompile.ops.banded import banded_linear
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_triton
 
 
 def linear_affine_reference(
@@ -62,7 +62,7 @@ def linear_affine(
     if x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match in_features {in_features}")
     if use_triton(kernels, x):
-        return triton_kernel("lowbit", "linear_affine")(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias,
+        return codegen_function("lowbit", "linear_affine")(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias,
                                                         bits, out_features, in_features, compute_dtype)
     return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features,
                                    in_features, compute_dtype)

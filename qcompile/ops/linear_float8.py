@@ -5,7 +5,7 @@ import torch
 from qcompile.formats.float8 import Float8, decode_float8
 from qcompile.ops.banded import banded_linear
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_triton
 
 
 def linear_float8_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -26,7 +26,7 @@ def linear_float8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's in_features {weight.shape[1]}")
     if use_triton(kernels, x):
-        return triton_kernel("lowbit", "linear_float8")(x, weight, scale, bias, compute_dtype)
+        return codegen_function("lowbit", "linear_float8")(x, weight, scale, bias, compute_dtype)
     return linear_float8_reference(x, weight, scale, bias, compute_dtype)
 
 

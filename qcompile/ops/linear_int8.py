@@ -6,7 +6,7 @@ import torch
 from qcompile.formats.int8 import Int8
 from qcompile.formats.packed_int8 import INV_127
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_triton
 from qcompile.ops.int8_common import int8_matmul, int8_vectorwise_quant
 
 # 1 / (127 * 127) as bitsandbytes writes it (int8_mm_dequant).
@@ -64,7 +64,7 @@ def linear_int8(
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match the weight's in_features {weight.shape[1]}")
     if use_triton(kernels, x):
-        return triton_kernel("llm_int8", "linear_int8")(x, weight, weight_scale, bias, threshold)
+        return codegen_function("llm_int8", "linear_int8")(x, weight, weight_scale, bias, threshold)
     return linear_int8_reference(x, weight, weight_scale, bias, threshold)
 
 

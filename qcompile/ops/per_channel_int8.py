@@ -14,7 +14,7 @@ import torch
 
 from qcompile.formats import Scheme
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, triton_kernel, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_triton
 
 # Spelled out so that the op's argument types are fixed; the rewrite pass and codegen
 # depend on this exact signature.
@@ -39,7 +39,7 @@ def define_per_channel_int8_op(name: str, reference: Reference, kernel_module: s
                 f"x: last dimension {x.shape[-1]} does not match the weight's in_features {weight.shape[1]}"
             )
         if use_triton(kernels, x):
-            return triton_kernel(kernel_module, name)(x, weight, weight_scale, bias)
+            return codegen_function(kernel_module, name)(x, weight, weight_scale, bias)
         return reference(x, weight, weight_scale, bias)
 
     implementation.__name__ = name

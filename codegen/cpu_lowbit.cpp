@@ -1,0 +1,533 @@
+// qcompile's CPU kernels for blockwise 4-bit weights (bitsandbytes NF4 / FP4, double quant or not).
+//
+// Built at first use by codegen/cpu_build.py for the machine it runs on (-march=native), loaded with
+// ctypes: no torch headers, so a build takes about a second. The instruction set is chosen here at
+// compile time (AVX-512 with or without AVX512_BF16, AVX2 + FMA, or plain C++); the Python side passes
+// raw pointers of contiguous tensors and never sees which path ran (qc_isa() says, for logs and tests).
+//
+// The weight W [N, K] is stored flattened: element i = n * K + k has its 4-bit code in byte i / 2
+// (high nibble for even i), and belongs to block i / blocksize, whose float32 absmax is either given,
+// or decoded from uint8 with the nested (double-quant) state:
+//     absmax = nested_code[q] * nested_absmax[block / 256] + nested_offset   (two float32 roundings).
+// A weight's value is code[nibble] * absmax in float32, rounded to the compute dtype: bit for bit what
+// qcompile.formats.blockwise.dequantize_4bit gives. Built with -ffp-contract=off so that no multiply and
+// add are fused into one rounding where the reference rounds twice.
+//
+// Two entry points:
+//   qc_lowbit4_decode   a window of rows x columns of W, decoded into a float buffer (exact).
+//   qc_lowbit4_linear   out[M, N] (float32) = x[M, K] @ W^T, never writing W anywhere: each 64-weight
+//                       chunk is decoded in registers through a 16-entry table already scaled by its
+//                       block's absmax (so the decoded weights are the reference's, rounded to the
+//                       compute dtype), and used for every row of x before the next chunk is read.
+//                       For decode-sized M (memory bound); large M goes to decode + a BLAS matmul.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct Weight {
+    const uint8_t* packed;
+    const void* absmax;          // float32 [blocks], or uint8 [blocks] when nested_absmax is set
+    const float* nested_absmax;  // float32 [ceil(blocks / 256)] or null
+    const float* nested_code;    // float32 [256] or null
+    float nested_offset;
+    const float* code;           // float32 [16]
+    int64_t blocksize;
+    int64_t n;                   // out_features
+    int64_t k;                   // in_features
+};
+
+inline float block_absmax(const Weight& w, int64_t block) {
+    if (w.nested_absmax == nullptr) return static_cast<const float*>(w.absmax)[block];
+    const uint8_t q = static_cast<const uint8_t*>(w.absmax)[block];
+    return w.nested_code[q] * w.nested_absmax[block / 256] + w.nested_offset;  // two roundings: no fp-contract
+}
+
+inline uint16_t bf16_bits(float value) {  // round to nearest even, as torch's float -> bfloat16
+    uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float bf16_float(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+
+// IEEE half <-> float without F16C (the generic path); round to nearest even.
+inline uint16_t f16_bits(float value) {
+    uint32_t x;
+    std::memcpy(&x, &value, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t abs = x & 0x7fffffffu;
+    if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+    if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+    if (abs < 0x38800000u) {  // below the smallest normal half: a subnormal (or zero)
+        float magnitude;
+        std::memcpy(&magnitude, &abs, 4);
+        // 2^-24 is the subnormal half's unit; adding 0.5 (2^-1) puts that unit at the float's last place.
+        const float shifted = magnitude + 0.5f;
+        uint32_t bits;
+        std::memcpy(&bits, &shifted, 4);
+        return static_cast<uint16_t>(sign | (bits - 0x3f000000u));
+    }
+    const uint32_t mantissa_odd = (abs >> 13) & 1u;
+    return static_cast<uint16_t>(sign | ((abs + 0xc8000fffu + mantissa_odd) >> 13));
+}
+
+inline float f16_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent == 0) {
+        const float value = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+        std::memcpy(&bits, &value, 4);
+        bits |= sign;
+    } else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+}
+
+inline float round_to(float value, int dtype) {
+    if (dtype == BF16) return bf16_float(bf16_bits(value));
+    if (dtype == F16) return f16_float(f16_bits(value));
+    return value;
+}
+
+inline void store(void* out, int64_t index, float value, int dtype) {
+    if (dtype == BF16) static_cast<uint16_t*>(out)[index] = bf16_bits(value);
+    else if (dtype == F16) static_cast<uint16_t*>(out)[index] = f16_bits(value);
+    else static_cast<float*>(out)[index] = value;
+}
+
+inline float load(const void* x, int64_t index, int dtype) {
+    if (dtype == BF16) return bf16_float(static_cast<const uint16_t*>(x)[index]);
+    if (dtype == F16) return f16_float(static_cast<const uint16_t*>(x)[index]);
+    return static_cast<const float*>(x)[index];
+}
+
+inline int nibble(const uint8_t* packed, int64_t i) {
+    const uint8_t byte = packed[i >> 1];
+    return (i & 1) ? (byte & 0xf) : (byte >> 4);
+}
+
+// Elements [start, stop) of row n's flattened weight, as float32 values rounded to `dtype`, into dst.
+void decode_span_generic(const Weight& w, int64_t start, int64_t stop, int dtype, float* dst) {
+    float table[16];
+    int64_t block = -1;
+    for (int64_t i = start; i < stop; ++i) {
+        if (i / w.blocksize != block) {
+            block = i / w.blocksize;
+            const float a = block_absmax(w, block);
+            for (int j = 0; j < 16; ++j) table[j] = round_to(w.code[j] * a, dtype);
+        }
+        dst[i - start] = table[nibble(w.packed, i)];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode: rows [r0, r1) x columns [c0, c1) of W into out (row stride out_stride elements, dtype out_dtype).
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr const char* kIsa =
+#if defined(__AVX512BF16__)
+    "avx512_bf16";
+#else
+    "avx512";
+#endif
+
+// 64 consecutive weights (32 bytes, one block's scaled table) written in natural order as 16-bit values.
+inline void decode64_16bit(const uint8_t* bytes, __m512i table16, uint16_t* dst) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+    // word j = (b_j >> 4) | (b_j & 0xf) << 8: read as bytes, the nibbles in element order.
+    const __m512i order = _mm512_or_si512(_mm512_srli_epi16(v, 4),
+                                          _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xf)), 8));
+    const __m512i first = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(order));
+    const __m512i second = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(order, 1));
+    _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(first, table16));
+    _mm512_storeu_si512(dst + 32, _mm512_permutexvar_epi16(second, table16));
+}
+
+inline void decode64_f32(const uint8_t* bytes, __m512 table, float* dst) {
+    for (int q = 0; q < 4; ++q) {
+        // 8 bytes (16 weights) per quarter; the upper 8 lanes are zero and unused.
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * q)));
+        const __m512i hi = _mm512_srli_epi32(v, 4);
+        const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0xf));
+        // interleave: element 2j = hi_j, 2j + 1 = lo_j for j in 0..7
+        const __m512i idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i nibbles = _mm512_permutex2var_epi32(hi, idx, lo);
+        _mm512_storeu_ps(dst + 16 * q, _mm512_permutexvar_ps(nibbles, table));
+    }
+}
+
+// The 16-entry table for one block: code * absmax in float32, rounded to dtype.
+inline __m512 scaled_table_f32(const __m512 code, float a, int dtype) {
+    __m512 t = _mm512_mul_ps(code, _mm512_set1_ps(a));
+    if (dtype == BF16) {
+        __m512i bits = _mm512_castps_si512(t);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        bits = _mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+        t = _mm512_castsi512_ps(bits);  // NaN codes cannot occur: code and absmax are finite
+    } else if (dtype == F16) {
+        t = _mm512_cvtph_ps(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    return t;
+}
+
+// 16-bit table (bf16 / f16 bits) in the low 16 lanes of a 32-lane vector.
+inline __m512i scaled_table_16bit(const __m512 code, float a, int dtype) {
+    const __m512 t = scaled_table_f32(code, a, dtype);
+    __m256i half;
+    if (dtype == F16) {
+        half = _mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // t is already bf16-rounded: its high 16 bits
+        half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(t), 16));
+    }
+    return _mm512_castsi256_si512(half);
+}
+
+bool decode_row_fast(const Weight& w, int64_t n, int64_t c0, int64_t c1, int dtype, void* out_row) {
+    // Fast when every 64-chunk of the window lies in one block and starts on a byte.
+    const int64_t base = n * w.k;
+    if ((base + c0) % 64 || (c1 - c0) % 64 || w.blocksize % 64) return false;
+    const __m512 code = _mm512_loadu_ps(w.code);
+    int64_t block = -1;
+    __m512 table = _mm512_setzero_ps();
+    __m512i table16 = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c += 64) {
+        const int64_t i = base + c;
+        if (i / w.blocksize != block) {
+            block = i / w.blocksize;
+            const float a = block_absmax(w, block);
+            if (dtype == F32) table = scaled_table_f32(code, a, dtype);
+            else table16 = scaled_table_16bit(code, a, dtype);
+        }
+        if (dtype == F32) decode64_f32(w.packed + i / 2, table, static_cast<float*>(out_row) + (c - c0));
+        else decode64_16bit(w.packed + i / 2, table16, static_cast<uint16_t*>(out_row) + (c - c0));
+    }
+    return true;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+bool decode_row_fast(const Weight&, int64_t, int64_t, int64_t, int, void*) { return false; }
+#else
+constexpr const char* kIsa = "generic";
+bool decode_row_fast(const Weight&, int64_t, int64_t, int64_t, int, void*) { return false; }
+#endif
+
+void decode_row(const Weight& w, int64_t n, int64_t c0, int64_t c1, int dtype, void* out_row, float* scratch) {
+    if (decode_row_fast(w, n, c0, c1, dtype, out_row)) return;
+    const int64_t base = n * w.k;
+    for (int64_t c = c0; c < c1; c += 1024) {
+        const int64_t stop = std::min(c + 1024, c1);
+        decode_span_generic(w, base + c, base + stop, dtype, scratch);
+        for (int64_t j = c; j < stop; ++j) store(out_row, j - c0, scratch[j - c], dtype);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fused linear. x is given in the compute dtype; the kernels first copy it into the layout their
+// instruction set reads (rows of K, each 64-chunk's even elements then its odd ones), so that a chunk's
+// high nibbles (even elements) and low nibbles (odd elements) each meet their x without a shuffle.
+
+constexpr int kRows = 4;     // rows of W decoded per step (independent accumulators for M = 1)
+constexpr int kXRows = 4;    // rows of x per tile
+
+template <typename Tile>
+void run_tiles(const Weight& w, int64_t m, int threads, Tile tile) {
+    const int64_t groups = (w.n + kRows - 1) / kRows;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t n0 = g * kRows;
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, w.n - n0));
+        for (int64_t m0 = 0; m0 < m; m0 += kXRows) {
+            const int xrows = static_cast<int>(std::min<int64_t>(kXRows, m - m0));
+            tile(n0, rows, m0, xrows);
+        }
+    }
+}
+
+#define QC_DISPATCH_TILE(FN, ...)                                                            \
+    [&](int64_t n0, int rows, int64_t m0, int xrows) {                                       \
+        if (rows == kRows) {                                                                 \
+            switch (xrows) {                                                                 \
+                case 1: FN<kRows, 1>(w, n0, __VA_ARGS__); break;                             \
+                case 2: FN<kRows, 2>(w, n0, __VA_ARGS__); break;                             \
+                case 3: FN<kRows, 3>(w, n0, __VA_ARGS__); break;                             \
+                default: FN<kRows, 4>(w, n0, __VA_ARGS__); break;                            \
+            }                                                                                \
+        } else {                                                                             \
+            for (int r = 0; r < rows; ++r) {                                                 \
+                switch (xrows) {                                                             \
+                    case 1: FN<1, 1>(w, n0 + r, __VA_ARGS__); break;                         \
+                    case 2: FN<1, 2>(w, n0 + r, __VA_ARGS__); break;                         \
+                    case 3: FN<1, 3>(w, n0 + r, __VA_ARGS__); break;                         \
+                    default: FN<1, 4>(w, n0 + r, __VA_ARGS__); break;                        \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+void linear_generic(const Weight& w, const float* x, int64_t m, float* out, int dtype, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float* row = static_cast<float*>(std::malloc(sizeof(float) * (w.k + 1)));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < w.n; ++n) {
+            decode_span_generic(w, n * w.k, (n + 1) * w.k, dtype, row);
+            for (int64_t r = 0; r < m; ++r) {
+                const float* xr = x + r * w.k;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < w.k; ++k) acc += xr[k] * row[k];
+                out[r * w.n + n] = acc;
+            }
+        }
+        std::free(row);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// x (float32 [m, k]) -> per 64-chunk: 16 even, 16 odd of its first 32, then of its second 32.
+void split_x_f32(const float* x, int64_t m, int64_t k, float* dst) {
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = 0; c < k; c += 32) {
+            const float* src = x + r * k + c;
+            float* d = dst + r * k + c;
+            for (int j = 0; j < 16; ++j) {
+                d[j] = src[2 * j];
+                d[16 + j] = src[2 * j + 1];
+            }
+        }
+    }
+}
+
+template <int R, int MT>
+void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* out, int dtype) {
+    __m512 acc[R][MT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) acc[r][t] = _mm512_setzero_ps();
+    const __m512 code = _mm512_loadu_ps(w.code);
+    const __m512i mask = _mm512_set1_epi32(0xf);
+    for (int64_t c = 0; c < w.k; c += 64) {
+        for (int r = 0; r < R; ++r) {
+            const int64_t i = (n0 + r) * w.k + c;
+            const __m512 table = scaled_table_f32(code, block_absmax(w, i / w.blocksize), dtype);
+            const uint8_t* bytes = w.packed + i / 2;
+            for (int h = 0; h < 2; ++h) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * h)));
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+                const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, mask), table);
+                for (int t = 0; t < MT; ++t) {
+                    const float* xr = xs + (m0 + t) * w.k + c + 32 * h;
+                    acc[r][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr), acc[r][t]);
+                    acc[r][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr + 16), acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) out[(m0 + t) * w.n + n0 + r] = hsum(acc[r][t]);
+}
+
+#if defined(__AVX512BF16__)
+// x (bf16 bits [m, k]) -> per 64-chunk: its 32 even elements, then its 32 odd ones.
+void split_x_bf16(const uint16_t* x, int64_t m, int64_t k, uint16_t* dst) {
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = 0; c < k; c += 64) {
+            const uint16_t* src = x + r * k + c;
+            uint16_t* d = dst + r * k + c;
+            for (int j = 0; j < 32; ++j) {
+                d[j] = src[2 * j];
+                d[32 + j] = src[2 * j + 1];
+            }
+        }
+    }
+}
+
+template <int R, int MT>
+void tile_bf16(const Weight& w, int64_t n0, const uint16_t* xs, int64_t m0, float* out) {
+    __m512 acc[R][MT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) acc[r][t] = _mm512_setzero_ps();
+    const __m512 code = _mm512_loadu_ps(w.code);
+    const __m512i mask = _mm512_set1_epi16(0xf);
+    for (int64_t c = 0; c < w.k; c += 64) {
+        for (int r = 0; r < R; ++r) {
+            const int64_t i = (n0 + r) * w.k + c;
+            const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(block_absmax(w, i / w.blocksize)));
+            const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(scaled));
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + i / 2)));
+            const __m512bh hi = (__m512bh)(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+            const __m512bh lo = (__m512bh)(_mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table));
+            for (int t = 0; t < MT; ++t) {
+                const uint16_t* xr = xs + (m0 + t) * w.k + c;
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], hi, (__m512bh)(_mm512_loadu_si512(xr)));
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], lo, (__m512bh)(_mm512_loadu_si512(xr + 32)));
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) out[(m0 + t) * w.n + n0 + r] = hsum(acc[r][t]);
+}
+#endif
+
+bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* out, int dtype, int threads) {
+    if (w.k % 64 || w.blocksize % 64) return false;
+#if defined(__AVX512BF16__)
+    if (dtype == BF16 && x_dtype == BF16) {
+        uint16_t* xs = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * m * w.k));
+        split_x_bf16(static_cast<const uint16_t*>(x), m, w.k, xs);
+        run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_bf16, xs, m0, out));
+        std::free(xs);
+        return true;
+    }
+#endif
+    float* xf = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * m * w.k));
+    float* xs = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * m * w.k));
+    for (int64_t i = 0; i < m * w.k; ++i) xf[i] = load(x, i, x_dtype);
+    split_x_f32(xf, m, w.k, xs);
+    run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_f32, xs, m0, out, dtype));
+    std::free(xf);
+    std::free(xs);
+    return true;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// x (float32 [m, k]) -> per 16-chunk: its 8 even elements, then its 8 odd ones.
+void split_x_f32(const float* x, int64_t m, int64_t k, float* dst) {
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = 0; c < k; c += 16) {
+            const float* src = x + r * k + c;
+            float* d = dst + r * k + c;
+            for (int j = 0; j < 8; ++j) {
+                d[j] = src[2 * j];
+                d[8 + j] = src[2 * j + 1];
+            }
+        }
+    }
+}
+
+inline __m256 lookup16(__m256i idx, __m256 low, __m256 high) {
+    const __m256 a = _mm256_permutevar8x32_ps(low, idx);
+    const __m256 b = _mm256_permutevar8x32_ps(high, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+}
+
+template <int R, int MT>
+void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* out, int dtype) {
+    __m256 acc[R][MT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) acc[r][t] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32(0xf);
+    for (int64_t c = 0; c < w.k; c += 64) {
+        for (int r = 0; r < R; ++r) {
+            const int64_t i = (n0 + r) * w.k + c;
+            const float a = block_absmax(w, i / w.blocksize);
+            alignas(32) float table[16];
+            for (int j = 0; j < 16; ++j) table[j] = round_to(w.code[j] * a, dtype);
+            const __m256 low = _mm256_load_ps(table);
+            const __m256 high = _mm256_load_ps(table + 8);
+            const uint8_t* bytes = w.packed + i / 2;
+            for (int q = 0; q < 4; ++q) {
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * q)));
+                const __m256 hi = lookup16(_mm256_srli_epi32(v, 4), low, high);
+                const __m256 lo = lookup16(_mm256_and_si256(v, mask), low, high);
+                for (int t = 0; t < MT; ++t) {
+                    const float* xr = xs + (m0 + t) * w.k + c + 16 * q;
+                    acc[r][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr), acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr + 8), acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < MT; ++t) out[(m0 + t) * w.n + n0 + r] = hsum8(acc[r][t]);
+}
+
+bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* out, int dtype, int threads) {
+    if (w.k % 64 || w.blocksize % 64) return false;
+    float* xf = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
+    float* xs = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
+    for (int64_t i = 0; i < m * w.k; ++i) xf[i] = load(x, i, x_dtype);
+    split_x_f32(xf, m, w.k, xs);
+    run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_f32, xs, m0, out, dtype));
+    std::free(xf);
+    std::free(xs);
+    return true;
+}
+#else
+bool linear_fast(const Weight&, const void*, int, int64_t, float*, int, int) { return false; }
+#endif
+
+}  // namespace
+
+extern "C" {
+
+const char* qc_isa() { return kIsa; }
+
+// Returns 0 on success, nonzero for arguments it does not take (the caller checks them first).
+int qc_lowbit4_decode(const uint8_t* packed, const void* absmax, const float* nested_absmax, const float* nested_code,
+                      float nested_offset, const float* code, int64_t blocksize, int64_t n, int64_t k,
+                      int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t out_stride, int out_dtype,
+                      int threads) {
+    if (blocksize <= 0 || r0 < 0 || r1 > n || r0 > r1 || c0 < 0 || c1 > k || c0 > c1) return 1;
+    if (out_dtype != F32 && out_dtype != BF16 && out_dtype != F16) return 2;
+    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k};
+    const int64_t element = out_dtype == F32 ? 4 : 2;
+#pragma omp parallel num_threads(threads)
+    {
+        float* scratch = static_cast<float*>(std::malloc(sizeof(float) * 1024));
+#pragma omp for schedule(static)
+        for (int64_t row = r0; row < r1; ++row) {
+            void* out_row = static_cast<char*>(out) + (row - r0) * out_stride * element;
+            decode_row(w, row, c0, c1, out_dtype, out_row, scratch);
+        }
+        std::free(scratch);
+    }
+    return 0;
+}
+
+int qc_lowbit4_linear(const void* x, int x_dtype, int64_t m, const uint8_t* packed, const void* absmax,
+                      const float* nested_absmax, const float* nested_code, float nested_offset, const float* code,
+                      int64_t blocksize, int64_t n, int64_t k, int compute_dtype, float* out, int threads) {
+    if (blocksize <= 0 || m < 0 || n < 0 || k < 0) return 1;
+    if (compute_dtype != F32 && compute_dtype != BF16 && compute_dtype != F16) return 2;
+    if (m == 0 || n == 0) return 0;
+    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k};
+    if (linear_fast(w, x, x_dtype, m, out, compute_dtype, threads)) return 0;
+    float* xf = static_cast<float*>(std::malloc(sizeof(float) * m * k + 4));
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = load(x, i, x_dtype);
+    linear_generic(w, xf, m, out, compute_dtype, threads);
+    std::free(xf);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,151 @@
+"""The CPU low-bit kernels (``cpu_lowbit.cpp``) from torch: the fused 4-bit linear and the 4-bit decode.
+
+* :func:`linear_4bit` computes ``x @ W.T + bias`` for a blockwise 4-bit W (NF4 / FP4, double quant or not).
+  Up to FUSED_MAX_ROWS rows of x it runs the fused kernel, which decodes each 64-weight chunk in registers
+  and never writes the weight anywhere; that is where a CPU spends its time in decoding (memory bound: the
+  weight is read once, at 4 bits). Above it, the work is compute bound and goes to bands of rows decoded by
+  the C++ decoder into a reused buffer, each multiplied by torch's matmul (oneDNN / MKL, AMX where present).
+* :func:`decode_4bit` fills a float tensor with a window of rows x columns of W, bit for bit the torch
+  reference's values.
+
+Both return None when the library is unavailable (no compiler; see ``cpu_build``) or the arguments are
+outside what it takes, and the caller runs the torch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from qcompile.codegen.cpu_build import cpu_library
+
+# Rows of x up to which the fused kernel beats decode + matmul. Measured (2-core Sapphire Rapids,
+# NF4 + double quant, bf16, 4096x4096): see benchmarks/README.md, "CPU kernels".
+FUSED_MAX_ROWS = 16
+# Weights per band of the decode + matmul path (bf16: 4 MiB), at least MIN_BAND_ROWS rows.
+BAND_ELEMENTS = 1 << 21
+MIN_BAND_ROWS = 64
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_library("lowbit")
+    return None if lib is None else declare(lib)
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give ``lib`` (a build of ``cpu_lowbit.cpp``, e.g. a variant from ``cpu_build.build_library``) its
+    functions' signatures; returns it."""
+    lib.qc_isa.restype = ctypes.c_char_p
+    lib.qc_lowbit4_decode.argtypes = [_p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _p, _i64,
+                                      _i32, _i32]
+    lib.qc_lowbit4_decode.restype = _i32
+    lib.qc_lowbit4_linear.argtypes = [_p, _i32, _i64, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i32, _p, _i32]
+    lib.qc_lowbit4_linear.restype = _i32
+    return lib
+
+
+def available() -> bool:
+    """Whether the C++ kernels built and loaded on this machine."""
+    return _library() is not None
+
+
+def isa(library: ctypes.CDLL | None = None) -> str | None:
+    """The instruction set the kernels were built for ("avx512_bf16", "avx512", "avx2", "generic"), or None."""
+    lib = library or _library()
+    return None if lib is None else lib.qc_isa().decode()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _takes(tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+
+
+def _weight_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize):
+    return (_ptr(packed), _ptr(absmax), _ptr(nested_absmax), _ptr(nested_code), float(nested_offset), _ptr(code),
+            blocksize)
+
+
+def _weight_ok(packed, absmax, code, nested_absmax, nested_code) -> bool:
+    if packed.dtype != torch.uint8 or code.dtype != torch.float32 or code.numel() != 16:
+        return False
+    if nested_absmax is None:
+        return absmax.dtype == torch.float32
+    return (absmax.dtype == torch.uint8 and nested_code is not None and nested_absmax.dtype == torch.float32
+            and nested_code.dtype == torch.float32 and nested_code.numel() == 256)
+
+
+def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, nested_absmax: torch.Tensor | None,
+                nested_code: torch.Tensor | None, nested_offset: float, blocksize: int, shape: tuple[int, int],
+                rows: tuple[int, int], cols: tuple[int, int], out: torch.Tensor,
+                library: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """Fill ``out`` ([rows, cols] window, row-contiguous, float32 / bfloat16 / float16) with rows ``rows`` and
+    columns ``cols`` of the [N, K] = ``shape`` weight; returns ``out``, or None if the kernels cannot.
+    ``library``: a :func:`declare`-d build to use instead of this machine's default one (tests)."""
+    lib = library or _library()
+    if lib is None or out.dtype not in _DTYPE_CODES or out.stride(-1) != 1 or out.dim() != 2:
+        return None
+    if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and out.device.type == "cpu"):
+        return None
+    if not _weight_ok(packed, absmax, code, nested_absmax, nested_code):
+        return None
+    (r0, r1), (c0, c1) = rows, cols
+    status = lib.qc_lowbit4_decode(*_weight_args(packed, absmax, code, nested_absmax, nested_code, nested_offset,
+                                                 blocksize), shape[0], shape[1], r0, r1, c0, c1, out.data_ptr(),
+                                   out.stride(0), _DTYPE_CODES[out.dtype], torch.get_num_threads())
+    return out if status == 0 else None
+
+
+def _band_rows(in_features: int) -> int:
+    return max(MIN_BAND_ROWS, BAND_ELEMENTS // max(in_features, 1))
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, bias: torch.Tensor | None,
+                nested_offset: float, blocksize: int, out_features: int, in_features: int,
+                compute_dtype: torch.dtype, library: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """``qcompile::linear_4bit`` on CPU: the weight's values are the reference's (rounded to ``compute_dtype``),
+    x is rounded to ``compute_dtype``, products are summed in float32 (in another order than the reference's
+    matmul), and the result is rounded to ``compute_dtype`` and returned in ``x.dtype``. None: not taken.
+    ``library`` as for :func:`decode_4bit`."""
+    lib = library or _library()
+    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+        return None
+    if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and _weight_ok(packed, absmax, code,
+                                                                                     nested_absmax, nested_code)):
+        return None
+    x_c = x.reshape(-1, in_features).to(compute_dtype).contiguous()
+    m = x_c.shape[0]
+    if m <= FUSED_MAX_ROWS:
+        out = torch.empty((m, out_features), dtype=torch.float32)
+        status = lib.qc_lowbit4_linear(x_c.data_ptr(), _DTYPE_CODES[compute_dtype], m, *_weight_args(
+            packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize), out_features, in_features,
+            _DTYPE_CODES[compute_dtype], out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            return None
+        if bias is not None:  # added before the one rounding to compute_dtype, as a matmul with bias does
+            out += bias.to(compute_dtype).float()
+        out = out.to(compute_dtype)
+    else:
+        out = torch.empty((m, out_features), dtype=compute_dtype)
+        rows = _band_rows(in_features)
+        band = torch.empty((min(rows, out_features), in_features), dtype=compute_dtype)
+        bias_c = None if bias is None else bias.to(compute_dtype)
+        for start in range(0, out_features, rows):
+            stop = min(start + rows, out_features)
+            weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                                 (out_features, in_features), (start, stop), (0, in_features), band[: stop - start],
+                                 lib)
+            if weight is None:
+                return None
+            out[:, start:stop] = torch.nn.functional.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)

@@ -1,0 +1,178 @@
+"""The C++ CPU kernels for 4-bit weights (codegen/cpu_lowbit.cpp): exact decode, fused linear within bounds.
+
+Every instruction-set path is built and run here: this machine's own build, and variants built with the
+wider instruction sets switched off (AVX2 + FMA; plain C++), so a machine with AVX-512 tests all three.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from qcompile.codegen import cpu_build, cpu_lowbit
+from qcompile.formats import scheme_from_dict
+from qcompile.ops.linear_4bit import linear_4bit_reference
+
+if not cpu_lowbit.available():
+    pytest.skip("no C++ compiler: the CPU kernels cannot be built here", allow_module_level=True)
+
+VARIANT_FLAGS = {
+    "native": (),
+    "avx2": ("-mno-avx512f",),
+    "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANT_FLAGS))
+def library(request):
+    lib = cpu_build.build_library("lowbit", VARIANT_FLAGS[request.param])
+    assert lib is not None, f"the {request.param} variant did not build"
+    lib = cpu_lowbit.declare(lib)
+    isa = cpu_lowbit.isa(lib)
+    if request.param == "avx2":
+        if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+            pytest.skip("this CPU has no AVX2")
+        assert isa == "avx2"
+    elif request.param == "generic":
+        assert isa == "generic"
+    return lib
+
+
+def _packed(n: int, k: int, kind: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+            compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    torch.manual_seed(seed)
+    weight = torch.randn(n, k) * 0.05
+    scheme = scheme_from_dict({"type": kind, "blocksize": blocksize, "double_quant": double_quant,
+                               "compute_dtype": str(compute_dtype).removeprefix("torch.")})
+    packed = scheme.pack(weight)
+    t = packed.tensors()
+    return packed, (t["packed"], t["absmax"], t["code"], t["nested_absmax"], t["nested_code"])
+
+
+DECODE_CASES = [
+    # n, k, kind, blocksize, double_quant
+    (64, 256, "nf4", 64, True),
+    (48, 100, "nf4", 64, True),     # blocks straddle rows
+    (17, 33, "fp4", 32, False),     # odd in_features: rows start mid-byte
+    (40, 384, "fp4", 128, True),
+    (8, 1024, "nf4", 256, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-b{c[3]}-dq{int(c[4])}")
+def test_decode_is_bit_exact(library, case, dtype):
+    n, k, kind, blocksize, double_quant = case
+    packed, args = _packed(n, k, kind, blocksize, double_quant)
+    full = packed.dequantize(dtype)
+    out = torch.full((n, k), float("nan"), dtype=dtype)
+    assert cpu_lowbit.decode_4bit(*args, packed.nested_offset, blocksize, (n, k), (0, n), (0, k), out,
+                                  library) is out
+    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       full.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    # A window of rows and columns into a wider buffer (the row stride is the buffer's).
+    r0, r1, c0, c1 = 3, n - 2, 1 if k % 2 else 64, k - 1
+    buffer = torch.zeros((r1 - r0, k + 5), dtype=dtype)
+    window = buffer[:, : c1 - c0]
+    assert cpu_lowbit.decode_4bit(*args, packed.nested_offset, blocksize, (n, k), (r0, r1), (c0, c1), window,
+                                  library) is window
+    assert torch.equal(window, full[r0:r1, c0:c1])
+    assert torch.count_nonzero(buffer[:, c1 - c0:]) == 0
+
+
+LINEAR_CASES = [
+    # n, k, m, blocksize: M = 0, 1, 3, 17 (17 > FUSED_MAX_ROWS: the decode + matmul path), odd shapes
+    (96, 256, 1, 64),
+    (130, 192, 3, 64),      # n not a multiple of the kernel's 4-row step
+    (64, 100, 5, 64),       # in_features not a multiple of the blocksize: the generic fused loop
+    (32, 128, 0, 64),
+    (72, 512, 17, 128),
+    (33, 64, 16, 64),
+    (40, 256, 2, 32),       # blocksize 32: chunks of 64 straddle blocks
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("compute_dtype,x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                   (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-b{c[3]}")
+def test_linear_matches_reference(library, case, compute_dtype, x_dtype, bias):
+    n, k, m, blocksize = case
+    packed, args = _packed(n, k, blocksize=blocksize, compute_dtype=compute_dtype)
+    torch.manual_seed(1)
+    x = torch.randn(2, m, k).to(x_dtype)  # 3-D: the op flattens the leading dimensions
+    b = torch.randn(n) if bias else None
+    ref = linear_4bit_reference(x, *args, b, packed.nested_offset, blocksize, n, k, compute_dtype)
+    got = cpu_lowbit.linear_4bit(x, *args, b, packed.nested_offset, blocksize, n, k, compute_dtype, library)
+    assert got is not None and got.dtype == x_dtype and got.shape == ref.shape
+    if m == 0:
+        return
+    # The same decoded weights and rounded x; only the order of the float32 sums differs, then one
+    # rounding to the compute dtype: at most one unit in its last place off, plus the sums' reordering.
+    eps = torch.finfo(compute_dtype).eps
+    scale = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True) * packed.dequantize(torch.float32).abs().max()
+    tolerance = eps * ref.float().abs() + 1e-5 * scale + 1e-6
+    assert ((got.float() - ref.float()).abs() <= tolerance).all()
+    assert torch.nn.functional.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.9999
+
+
+def test_linear_bound_catches_a_wrong_weight(library):
+    """The bound above is tight enough to see one wrong nibble per row."""
+    n, k = 64, 256
+    packed, args = _packed(n, k)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    ref = linear_4bit_reference(x, *args, None, packed.nested_offset, 64, n, k, torch.bfloat16)
+    corrupted = args[0].clone()
+    corrupted.view(n, k // 2)[:, 7] ^= 0x30
+    got = cpu_lowbit.linear_4bit(x, corrupted, *args[1:], None, packed.nested_offset, 64, n, k, torch.bfloat16,
+                                 library)
+    tolerance = torch.finfo(torch.bfloat16).eps * ref.float().abs() + 1e-6
+    assert not ((got.float() - ref.float()).abs() <= tolerance).all()
+
+
+def test_op_auto_runs_the_cpu_kernel(monkeypatch):
+    calls = []
+    original = cpu_lowbit.linear_4bit
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_lowbit, "linear_4bit", counted)
+    n, k = 64, 128
+    packed, args = _packed(n, k)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    op_args = (x, *args, None, packed.nested_offset, 64, n, k, torch.bfloat16)
+    auto = torch.ops.qcompile.linear_4bit(*op_args, "auto")
+    assert calls == [x.shape]
+    reference = torch.ops.qcompile.linear_4bit(*op_args, "reference")
+    assert calls == [x.shape]  # "reference" does not reach it
+    assert torch.allclose(auto.float(), reference.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_op_falls_back_to_the_reference_without_the_library(monkeypatch):
+    monkeypatch.setattr(cpu_lowbit, "_library", lambda: None)
+    n, k = 64, 128
+    packed, args = _packed(n, k, compute_dtype=torch.float32)
+    x = torch.randn(3, k)
+    op_args = (x, *args, None, packed.nested_offset, 64, n, k, torch.float32)
+    assert torch.equal(torch.ops.qcompile.linear_4bit(*op_args, "auto"),
+                       torch.ops.qcompile.linear_4bit(*op_args, "reference"))
+
+
+def test_no_compiler_is_logged_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="qcompile.codegen.cpu_build"):
+        assert cpu_build.build_library("lowbit") is None
+    assert "no C++ compiler" in caplog.text
+
+
+def test_a_failing_build_is_logged_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="qcompile.codegen.cpu_build"):
+        assert cpu_build.build_library("lowbit", ("-DQC_NO_SUCH_FLAG", "-fno-such-option-exists")) is None
+    assert "could not build" in caplog.text
