@@ -216,7 +216,7 @@ def test_triton_dispatch_calls_codegen_function(monkeypatch):
         seen["args"] = args
         return torch.zeros(args[0].shape[0], args[1].shape[0])
 
-    monkeypatch.setattr(op_module, "triton_kernel", lambda module, fn: seen.update(name=(module, fn)) or fake_kernel)
+    monkeypatch.setattr(op_module, "codegen_function", lambda module, fn: seen.update(name=(module, fn)) or fake_kernel)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     packed = qcompile.pack(weight((8, 64)), Int8())
     call(packed, torch.randn(2, 64), kernels="triton")
