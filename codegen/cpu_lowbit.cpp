@@ -44,12 +44,19 @@ struct Weight {
     int64_t blocksize;
     int64_t n;                   // out_features
     int64_t k;                   // in_features
+    int shift;                   // log2(blocksize): bitsandbytes' blocksizes are powers of two
 };
 
 inline float block_absmax(const Weight& w, int64_t block) {
     if (w.nested_absmax == nullptr) return static_cast<const float*>(w.absmax)[block];
     const uint8_t q = static_cast<const uint8_t*>(w.absmax)[block];
     return w.nested_code[q] * w.nested_absmax[block / 256] + w.nested_offset;  // two roundings: no fp-contract
+}
+
+int log2_exact(int64_t value) {  // -1 unless value is a power of two
+    for (int bit = 0; bit < 63; ++bit)
+        if (value == (int64_t{1} << bit)) return bit;
+    return -1;
 }
 
 inline uint16_t bf16_bits(float value) {  // round to nearest even, as torch's float -> bfloat16
@@ -210,15 +217,15 @@ inline __m512i scaled_table_16bit(const __m512 code, float a, int dtype) {
 bool decode_row_fast(const Weight& w, int64_t n, int64_t c0, int64_t c1, int dtype, void* out_row) {
     // Fast when every 64-chunk of the window lies in one block and starts on a byte.
     const int64_t base = n * w.k;
-    if ((base + c0) % 64 || (c1 - c0) % 64 || w.blocksize % 64) return false;
+    if ((base + c0) % 64 || (c1 - c0) % 64 || w.blocksize % 64 || w.shift < 0) return false;
     const __m512 code = _mm512_loadu_ps(w.code);
     int64_t block = -1;
     __m512 table = _mm512_setzero_ps();
     __m512i table16 = _mm512_setzero_si512();
     for (int64_t c = c0; c < c1; c += 64) {
         const int64_t i = base + c;
-        if (i / w.blocksize != block) {
-            block = i / w.blocksize;
+        if ((i >> w.shift) != block) {
+            block = i >> w.shift;
             const float a = block_absmax(w, block);
             if (dtype == F32) table = scaled_table_f32(code, a, dtype);
             else table16 = scaled_table_16bit(code, a, dtype);
@@ -334,7 +341,7 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
     for (int64_t c = 0; c < w.k; c += 64) {
         for (int r = 0; r < R; ++r) {
             const int64_t i = (n0 + r) * w.k + c;
-            const __m512 table = scaled_table_f32(code, block_absmax(w, i / w.blocksize), dtype);
+            const __m512 table = scaled_table_f32(code, block_absmax(w, i >> w.shift), dtype);
             const uint8_t* bytes = w.packed + i / 2;
             for (int h = 0; h < 2; ++h) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * h)));
@@ -367,25 +374,32 @@ void split_x_bf16(const uint16_t* x, int64_t m, int64_t k, uint16_t* dst) {
     }
 }
 
+// The bf16 path differs from the others in one rounding: it looks codes up in a bf16 copy of the code table
+// and scales each chunk's float32 dot product by the block's absmax, where the reference rounds
+// code * absmax to bf16. Each weight's error is the same size either way (half a bf16 unit, relative), but
+// not the same bits; it spares building a scaled table per chunk (14% faster at M = 1, measured).
 template <int R, int MT>
 void tile_bf16(const Weight& w, int64_t n0, const uint16_t* xs, int64_t m0, float* out) {
     __m512 acc[R][MT];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < MT; ++t) acc[r][t] = _mm512_setzero_ps();
-    const __m512 code = _mm512_loadu_ps(w.code);
-    const __m512i mask = _mm512_set1_epi16(0xf);
-    for (int64_t c = 0; c < w.k; c += 64) {
+    // The 16 codes in bf16, twice: vpermw reads 5 index bits, so a byte's low nibble (plus bit 4, one of
+    // its high nibble's bits) indexes this table directly, without masking.
+    const __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w.code));
+    const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+    const int64_t chunks = w.k / 64;
+    for (int64_t c = 0; c < chunks; ++c) {
         for (int r = 0; r < R; ++r) {
-            const int64_t i = (n0 + r) * w.k + c;
-            const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(block_absmax(w, i / w.blocksize)));
-            const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(scaled));
+            const int64_t i = (n0 + r) * w.k + 64 * c;
             const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + i / 2)));
             const __m512bh hi = (__m512bh)(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-            const __m512bh lo = (__m512bh)(_mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table));
+            const __m512bh lo = (__m512bh)(_mm512_permutexvar_epi16(v, table));
+            const __m512 scale = _mm512_set1_ps(block_absmax(w, i >> w.shift));
             for (int t = 0; t < MT; ++t) {
-                const uint16_t* xr = xs + (m0 + t) * w.k + c;
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], hi, (__m512bh)(_mm512_loadu_si512(xr)));
-                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], lo, (__m512bh)(_mm512_loadu_si512(xr + 32)));
+                const uint16_t* xr = xs + (m0 + t) * w.k + 64 * c;
+                __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), hi, (__m512bh)(_mm512_loadu_si512(xr)));
+                dot = _mm512_dpbf16_ps(dot, lo, (__m512bh)(_mm512_loadu_si512(xr + 32)));
+                acc[r][t] = _mm512_fmadd_ps(dot, scale, acc[r][t]);
             }
         }
     }
@@ -395,7 +409,7 @@ void tile_bf16(const Weight& w, int64_t n0, const uint16_t* xs, int64_t m0, floa
 #endif
 
 bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* out, int dtype, int threads) {
-    if (w.k % 64 || w.blocksize % 64) return false;
+    if (w.k % 64 || w.blocksize % 64 || w.shift < 0) return false;
 #if defined(__AVX512BF16__)
     if (dtype == BF16 && x_dtype == BF16) {
         uint16_t* xs = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * m * w.k));
@@ -450,7 +464,7 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
     for (int64_t c = 0; c < w.k; c += 64) {
         for (int r = 0; r < R; ++r) {
             const int64_t i = (n0 + r) * w.k + c;
-            const float a = block_absmax(w, i / w.blocksize);
+            const float a = block_absmax(w, i >> w.shift);
             alignas(32) float table[16];
             for (int j = 0; j < 16; ++j) table[j] = round_to(w.code[j] * a, dtype);
             const __m256 low = _mm256_load_ps(table);
@@ -473,7 +487,7 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
 }
 
 bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* out, int dtype, int threads) {
-    if (w.k % 64 || w.blocksize % 64) return false;
+    if (w.k % 64 || w.blocksize % 64 || w.shift < 0) return false;
     float* xf = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
     float* xs = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
     for (int64_t i = 0; i < m * w.k; ++i) xf[i] = load(x, i, x_dtype);
@@ -500,7 +514,8 @@ int qc_lowbit4_decode(const uint8_t* packed, const void* absmax, const float* ne
                       int threads) {
     if (blocksize <= 0 || r0 < 0 || r1 > n || r0 > r1 || c0 < 0 || c1 > k || c0 > c1) return 1;
     if (out_dtype != F32 && out_dtype != BF16 && out_dtype != F16) return 2;
-    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k};
+    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k,
+                   log2_exact(blocksize)};
     const int64_t element = out_dtype == F32 ? 4 : 2;
 #pragma omp parallel num_threads(threads)
     {
@@ -521,7 +536,8 @@ int qc_lowbit4_linear(const void* x, int x_dtype, int64_t m, const uint8_t* pack
     if (blocksize <= 0 || m < 0 || n < 0 || k < 0) return 1;
     if (compute_dtype != F32 && compute_dtype != BF16 && compute_dtype != F16) return 2;
     if (m == 0 || n == 0) return 0;
-    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k};
+    const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k,
+                   log2_exact(blocksize)};
     if (linear_fast(w, x, x_dtype, m, out, compute_dtype, threads)) return 0;
     float* xf = static_cast<float*>(std::malloc(sizeof(float) * m * k + 4));
     for (int64_t i = 0; i < m * k; ++i) xf[i] = load(x, i, x_dtype);
