@@ -1,10 +1,10 @@
 """The CPU low-bit kernels (``cpu_lowbit.cpp``) from torch: the fused 4-bit linear and the 4-bit decode.
 
 * :func:`linear_4bit` computes ``x @ W.T + bias`` for a blockwise 4-bit W (NF4 / FP4, double quant or not).
-  Up to FUSED_MAX_ROWS rows of x it runs the fused kernel, which decodes each 64-weight chunk in registers
-  and never writes the weight anywhere; that is where a CPU spends its time in decoding (memory bound: the
-  weight is read once, at 4 bits). Above it, the work is compute bound and goes to bands of rows decoded by
-  the C++ decoder into a reused buffer, each multiplied by torch's matmul (oneDNN / MKL, AMX where present).
+  Up to FUSED_MAX_ROWS rows of x (decode) it runs the fused kernel, which decodes each 64-weight chunk in
+  registers, uses it for every row of x, and never writes the weight anywhere: the weight is read once, at
+  4 bits. Above it, bands of rows are decoded by the C++ decoder into a reused buffer, and each band is
+  multiplied by torch's matmul (oneDNN / MKL, AMX where present).
 * :func:`decode_4bit` fills a float tensor with a window of rows x columns of W, bit for bit the torch
   reference's values.
 
@@ -21,11 +21,14 @@ import torch
 
 from qcompile.codegen.cpu_build import cpu_library
 
-# Rows of x up to which the fused kernel beats decode + matmul. Measured (2-core Sapphire Rapids,
-# NF4 + double quant, bf16, 4096x4096): see benchmarks/README.md, "CPU kernels".
-FUSED_MAX_ROWS = 16
-# Weights per band of the decode + matmul path (bf16: 4 MiB), at least MIN_BAND_ROWS rows.
-BAND_ELEMENTS = 1 << 21
+# Rows of x up to which the fused kernel beats decode + matmul: its cost grows with every row of x (each
+# row is a dot product over the whole weight), decode + matmul's hardly does. Measured one thread on a
+# Sapphire Rapids core, NF4 + double quant, bf16 (ms, fused / decode + matmul): 4096x4096 M=8 4.0 / 4.3,
+# M=12 5.9 / 4.5; 4096x14336 M=8 13.2 / 18.1, M=12 19.5 / 18.9.
+FUSED_MAX_ROWS = 8
+# Weights per band of the decode + matmul path (bf16: 8 MiB), at least MIN_BAND_ROWS rows: fewer, larger
+# matmuls were faster (4096x4096, M=16: 128-row bands 5.0 ms, 1024-row bands 4.2 ms, the whole weight 3.9).
+BAND_ELEMENTS = 1 << 22
 MIN_BAND_ROWS = 64
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -113,9 +116,11 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
                 nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, bias: torch.Tensor | None,
                 nested_offset: float, blocksize: int, out_features: int, in_features: int,
                 compute_dtype: torch.dtype, library: ctypes.CDLL | None = None) -> torch.Tensor | None:
-    """``qcompile::linear_4bit`` on CPU: the weight's values are the reference's (rounded to ``compute_dtype``),
-    x is rounded to ``compute_dtype``, products are summed in float32 (in another order than the reference's
-    matmul), and the result is rounded to ``compute_dtype`` and returned in ``x.dtype``. None: not taken.
+    """``qcompile::linear_4bit`` on CPU: x is rounded to ``compute_dtype``, products are summed in float32 (in
+    another order than the reference's matmul), and the result is rounded to ``compute_dtype`` and returned in
+    ``x.dtype``. The weights are the reference's values (``code * absmax`` rounded to ``compute_dtype``), except
+    in the fused bf16 path on CPUs with AVX512_BF16, which rounds the code to bf16 before scaling it by the
+    absmax: the same size of rounding error per weight, not the same bits. None: not taken.
     ``library`` as for :func:`decode_4bit`."""
     lib = library or _library()
     if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:

@@ -83,14 +83,17 @@ def test_decode_is_bit_exact(library, case, dtype):
 
 
 LINEAR_CASES = [
-    # n, k, m, blocksize: M = 0, 1, 3, 17 (17 > FUSED_MAX_ROWS: the decode + matmul path), odd shapes
-    (96, 256, 1, 64),
-    (130, 192, 3, 64),      # n not a multiple of the kernel's 4-row step
-    (64, 100, 5, 64),       # in_features not a multiple of the blocksize: the generic fused loop
-    (32, 128, 0, 64),
-    (72, 512, 17, 128),
-    (33, 64, 16, 64),
-    (40, 256, 2, 32),       # blocksize 32: chunks of 64 straddle blocks
+    # n, k, leading shape of x, blocksize. M = 0, 1, 3, 17: up to FUSED_MAX_ROWS (8) the fused kernel, above
+    # it decode + matmul; odd shapes.
+    (96, 256, (1,), 64),
+    (130, 192, (3,), 64),      # n not a multiple of the kernel's 4-row step
+    (64, 100, (5,), 64),       # in_features not a multiple of the blocksize: the generic fused loop
+    (32, 128, (0,), 64),
+    (72, 512, (17,), 128),
+    (33, 64, (2, 3), 64),      # 3-D x: the op flattens the leading dimensions
+    (40, 256, (2,), 32),       # blocksize 32: chunks of 64 straddle blocks
+    (24, 64, (8,), 64),
+    (24, 64, (9,), 64),
 ]
 
 
@@ -99,15 +102,15 @@ LINEAR_CASES = [
                                                    (torch.float32, torch.float32), (torch.float16, torch.float16)])
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}-m{c[2]}-b{c[3]}")
 def test_linear_matches_reference(library, case, compute_dtype, x_dtype, bias):
-    n, k, m, blocksize = case
+    n, k, lead, blocksize = case
     packed, args = _packed(n, k, blocksize=blocksize, compute_dtype=compute_dtype)
     torch.manual_seed(1)
-    x = torch.randn(2, m, k).to(x_dtype)  # 3-D: the op flattens the leading dimensions
+    x = torch.randn(*lead, k).to(x_dtype)
     b = torch.randn(n) if bias else None
     ref = linear_4bit_reference(x, *args, b, packed.nested_offset, blocksize, n, k, compute_dtype)
     got = cpu_lowbit.linear_4bit(x, *args, b, packed.nested_offset, blocksize, n, k, compute_dtype, library)
     assert got is not None and got.dtype == x_dtype and got.shape == ref.shape
-    if m == 0:
+    if x.numel() == 0:
         return
     assert ((got.float() - ref.float()).abs() <= _tolerance(x, packed, ref, compute_dtype)).all()
     assert torch.nn.functional.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0) > 0.9999
