@@ -1,0 +1,132 @@
+"""Host (Python) time of one quantized linear on the CUDA path, measured on a CPU with the launches stubbed.
+
+    python -m benchmarks.host_overhead [--reps 5000] [--out benchmarks/results/cpu]
+
+No GPU is needed: the Triton kernels are imported under the interpreter (so CPU tensors pass the device
+checks) and then everything that distinguishes the interpreter from CUDA is switched back to the CUDA
+behaviour: autotune mode "fast" with the winner already cached (as after the first call), the
+interpreter flag off, and ``run_kernel`` (the one place every launch goes through) replaced by a stub. What
+remains is all the host work qcompile does per call before handing a kernel to Triton's launcher. NF4 +
+double quant, bf16, 4096x4096, M = 1 (the GEMV and its split-K sum: two launches).
+
+Rows (microseconds per call, best of 5 rounds):
+
+* ``codegen``: ``qcompile.codegen.lowbit.linear_4bit``: argument checks, variant choice, config lookup,
+  argument assembly, two stubbed launches;
+* ``format_op``: ``torch.ops.qcompile.linear_4bit(..., kernels="triton")``: the above plus custom-op dispatch;
+* ``quantized_linear``: ``torch.ops.qcompile.quantized_linear``, the op the rewrite emits: the above plus the
+  per-call packed-weight lookup;
+* ``launches``: how many launches one call makes (counted by the stub).
+
+Triton's own launcher (``kernel[grid](...)``, a few microseconds per launch in Triton 3) is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.timing import environment, results_dir
+
+
+def _per_call_us(fn, reps: int) -> float:
+    for _ in range(min(reps, 200)):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best * 1e6
+
+
+@contextlib.contextmanager
+def cuda_like_host_path(launches: list[int]) -> Iterator[None]:
+    """Inside: qcompile's codegen takes its CUDA host path on CPU tensors, launching nothing."""
+    from qcompile.codegen import _common, autotune
+
+    saved = (autotune.run_kernel, autotune.interpreting, autotune.autotune_mode, _common.interpreting)
+
+    def stub(kernel: Any, grid: Any, args: Any, **kwargs: Any) -> None:
+        launches[0] += 1
+
+    autotune.run_kernel = stub
+    autotune.interpreting = lambda: False
+    autotune.autotune_mode = lambda: "fast"
+    _common.interpreting = lambda: True  # check_runnable: CPU tensors pass (interpreted kernels)
+    try:
+        yield
+    finally:
+        autotune.run_kernel, autotune.interpreting, autotune.autotune_mode, _common.interpreting = saved
+
+
+def _seed_winners() -> None:
+    """Make every tuned lowbit kernel's cache answer at once with its heuristic config, as after tuning."""
+    from qcompile.codegen import autotune, lowbit
+
+    for variant in ("gemv", "gemm_split_k", "gemm"):
+        tuned = lowbit._tuned(variant)
+        tuned._disk.get = lambda key, tuned=tuned: autotune.config_to_dict(tuned.interpreter_config({}))  # noqa: B023
+
+
+def measure(reps: int) -> dict[str, float]:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (the kernels must be importable without a GPU)")
+    import qcompile.ops  # noqa: F401
+    from qcompile import NF4
+    from qcompile.codegen import lowbit
+    from qcompile.ops import binding, op_arguments
+    from qcompile.ops.quantized_linear import scheme_key
+    from qcompile.pack_cache import packed_weight
+
+    torch.manual_seed(0)
+    n = k = 4096
+    linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    scheme = NF4(double_quant=True, compute_dtype=torch.bfloat16)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    packed = packed_weight(linear.weight, scheme, False, "weight")
+    key = scheme_key(scheme)
+    op = binding(scheme).op
+    args = op_arguments(packed, x, None, "triton")
+    codegen_args = args[:-1]
+    launches = [0]
+    _seed_winners()
+    with torch.no_grad(), cuda_like_host_path(launches):
+        lowbit.linear_4bit(*codegen_args)
+        launches[0] = 0
+        lowbit.linear_4bit(*codegen_args)
+        rows = {"launches": float(launches[0]),
+                "codegen": _per_call_us(lambda: lowbit.linear_4bit(*codegen_args), reps),
+                "format_op": _per_call_us(lambda: op(*args), reps),
+                "quantized_linear": _per_call_us(lambda: torch.ops.qcompile.quantized_linear.default(
+                    x, linear.weight, None, key, False, "weight", "triton"), reps)}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = measure(args.reps)
+    for name, value in rows.items():
+        print(f"{name:18s} {value:8.2f}")
+    out = results_dir(args.out, smoke=False, cuda=False)
+    if out is not None:
+        path = out / "host_overhead.json"
+        path.write_text(json.dumps({"environment": environment(torch.device("cpu")), "per_call_us": rows,
+                                    "shape": [4096, 4096], "m": 1, "scheme": "nf4 double quant, bf16"}, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
