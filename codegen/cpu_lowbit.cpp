@@ -512,6 +512,179 @@ bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* 
 bool linear_fast(const Weight&, const void*, int, int64_t, float*, int, int) { return false; }
 #endif
 
+
+// ---------------------------------------------------------------------------------------------------
+// Affine group-wise integers in GPTQ's layout (formats/packed_affine.py): qweight int32 [K * bits / 32, N]
+// packed along K, integer zero points qzeros int32 [G, N * bits / 32] packed along N holding zero - 1, or
+// float16 zeros [G, N]; float16 scales [G, N]; int32 g_idx [K]. W[n, k] = (q - zero[g, n]) * scale[g, n]
+// with g = g_idx[k], in float32. The fused kernel works on 16 output features at a time: their zeros and
+// scales for every group are laid out once per tile, then each input feature k contributes
+// x[:, k] * W[n0:n0 + 16, k] to 16 accumulators per row of x; W is never written anywhere, and in float32
+// it is not rounded to the compute dtype (a smaller error than the reference's, within the same bound).
+
+struct Affine {
+    const int32_t* qweight;
+    const int32_t* qzeros;   // or null
+    const uint16_t* zeros;   // float16 bits, or null
+    const uint16_t* scales;  // float16 bits
+    const int32_t* g_idx;
+    int bits;
+    int64_t groups, n, k;
+};
+
+// Word row, shift and whether value `index` of a packed axis straddles into the next word (3 bits only).
+inline void affine_field(int bits, int64_t index, int64_t* word, int* shift, bool* straddles) {
+    if (bits == 3) {
+        const int64_t offset = 3 * (index % 32);
+        *word = (index / 32) * 3 + offset / 32;
+        *shift = static_cast<int>(offset % 32);
+    } else {
+        const int per_word = 32 / bits;
+        *word = index / per_word;
+        *shift = static_cast<int>(index % per_word) * bits;
+    }
+    *straddles = *shift + bits > 32;
+}
+
+inline uint32_t affine_value(const int32_t* words, int64_t stride, int bits, int64_t index, int64_t lane) {
+    int64_t word;
+    int shift;
+    bool straddles;
+    affine_field(bits, index, &word, &shift, &straddles);
+    uint32_t v = static_cast<uint32_t>(words[word * stride + lane]) >> shift;
+    if (straddles) v |= static_cast<uint32_t>(words[(word + 1) * stride + lane]) << (32 - shift);
+    return v & ((1u << bits) - 1u);
+}
+
+// Zeros and scales of output features [n0, n0 + cols) for every group, as float32: dst_zero[g * 16 + j].
+void affine_tables(const Affine& a, int64_t n0, int cols, float* zero, float* scale) {
+    for (int64_t g = 0; g < a.groups; ++g) {
+        for (int j = 0; j < 16; ++j) {
+            const int64_t n = n0 + j;
+            if (j >= cols) {
+                zero[g * 16 + j] = 0.0f;
+                scale[g * 16 + j] = 0.0f;
+                continue;
+            }
+            scale[g * 16 + j] = f16_float(a.scales[g * a.n + n]);
+            if (a.qzeros != nullptr) {
+                const int64_t words_per_row = (a.n * a.bits + 31) / 32;
+                zero[g * 16 + j] = static_cast<float>(affine_value(a.qzeros + g * words_per_row, 1, a.bits, n, 0) + 1);
+            } else {
+                zero[g * 16 + j] = f16_float(a.zeros[g * a.n + n]);
+            }
+        }
+    }
+}
+
+void affine_generic(const Affine& a, const float* x, int64_t m, float* out, int threads) {
+    const int64_t tiles = (a.n + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        float* zero = static_cast<float*>(std::malloc(sizeof(float) * 16 * a.groups));
+        float* scale = static_cast<float*>(std::malloc(sizeof(float) * 16 * a.groups));
+        float* acc = static_cast<float*>(std::malloc(sizeof(float) * 16 * m + 4));
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            const int64_t n0 = tile * 16;
+            const int cols = static_cast<int>(std::min<int64_t>(16, a.n - n0));
+            affine_tables(a, n0, cols, zero, scale);
+            for (int64_t i = 0; i < 16 * m; ++i) acc[i] = 0.0f;
+            for (int64_t kk = 0; kk < a.k; ++kk) {
+                const int64_t g = a.g_idx[kk];
+                for (int j = 0; j < cols; ++j) {
+                    const float q = static_cast<float>(affine_value(a.qweight, a.n, a.bits, kk, n0 + j));
+                    const float w = (q - zero[g * 16 + j]) * scale[g * 16 + j];
+                    for (int64_t r = 0; r < m; ++r) acc[r * 16 + j] += x[r * a.k + kk] * w;
+                }
+            }
+            for (int64_t r = 0; r < m; ++r)
+                for (int j = 0; j < cols; ++j) out[r * a.n + n0 + j] = acc[r * 16 + j];
+        }
+        std::free(zero);
+        std::free(scale);
+        std::free(acc);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// BITS a template parameter: the field arithmetic per input feature becomes shifts (a division by a
+// runtime bits per word there made the kernel 4x slower).
+template <int BITS, int MT>
+void affine_tile(const Affine& a, int64_t n0, int cols, const float* zero, const float* scale, const float* x,
+                 int64_t m0, float* out) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1u);
+    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+    __m512 acc[MT];
+    for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < a.k; ++kk) {
+        int64_t word;
+        int shift;
+        if (BITS == 3) {
+            const int offset = 3 * static_cast<int>(kk % 32);
+            word = (kk / 32) * 3 + offset / 32;
+            shift = offset % 32;
+        } else {
+            word = kk / (32 / BITS);
+            shift = static_cast<int>(kk % (32 / BITS)) * BITS;
+        }
+        __m512i v = _mm512_srl_epi32(_mm512_maskz_loadu_epi32(lanes, a.qweight + word * a.n + n0),
+                                     _mm_cvtsi32_si128(shift));
+        if (BITS == 3 && shift > 29)
+            v = _mm512_or_si512(v, _mm512_sll_epi32(_mm512_maskz_loadu_epi32(lanes, a.qweight + (word + 1) * a.n + n0),
+                                                    _mm_cvtsi32_si128(32 - shift)));
+        const int64_t g = a.g_idx[kk];
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+        const __m512 w = _mm512_mul_ps(_mm512_sub_ps(q, _mm512_load_ps(zero + g * 16)), _mm512_load_ps(scale + g * 16));
+        for (int t = 0; t < MT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[(m0 + t) * a.k + kk]), acc[t]);
+    }
+    for (int t = 0; t < MT; ++t) _mm512_mask_storeu_ps(out + (m0 + t) * a.n + n0, lanes, acc[t]);
+}
+
+template <int BITS>
+void affine_rows(const Affine& a, int64_t n0, int cols, const float* zero, const float* scale, const float* x,
+                 int64_t m, float* out) {
+    for (int64_t m0 = 0; m0 < m; m0 += 8) {
+        switch (std::min<int64_t>(8, m - m0)) {
+            case 1: affine_tile<BITS, 1>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 2: affine_tile<BITS, 2>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 3: affine_tile<BITS, 3>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 4: affine_tile<BITS, 4>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 5: affine_tile<BITS, 5>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 6: affine_tile<BITS, 6>(a, n0, cols, zero, scale, x, m0, out); break;
+            case 7: affine_tile<BITS, 7>(a, n0, cols, zero, scale, x, m0, out); break;
+            default: affine_tile<BITS, 8>(a, n0, cols, zero, scale, x, m0, out); break;
+        }
+    }
+}
+
+bool affine_fast(const Affine& a, const float* x, int64_t m, float* out, int threads) {
+    const int64_t tiles = (a.n + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        float* zero = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 16 * a.groups));
+        float* scale = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 16 * a.groups));
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            const int64_t n0 = tile * 16;
+            const int cols = static_cast<int>(std::min<int64_t>(16, a.n - n0));
+            affine_tables(a, n0, cols, zero, scale);
+            switch (a.bits) {
+                case 2: affine_rows<2>(a, n0, cols, zero, scale, x, m, out); break;
+                case 3: affine_rows<3>(a, n0, cols, zero, scale, x, m, out); break;
+                case 4: affine_rows<4>(a, n0, cols, zero, scale, x, m, out); break;
+                default: affine_rows<8>(a, n0, cols, zero, scale, x, m, out); break;
+            }
+        }
+        std::free(zero);
+        std::free(scale);
+    }
+    return true;
+}
+#else
+bool affine_fast(const Affine&, const float*, int64_t, float*, int) { return false; }
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -554,6 +727,21 @@ int qc_lowbit4_linear(const void* x, int x_dtype, int64_t m, const uint8_t* pack
     for (int64_t i = 0; i < m * k; ++i) xf[i] = load(x, i, x_dtype);
     linear_generic(w, xf, m, out, compute_dtype, threads);
     std::free(xf);
+    return 0;
+}
+
+// out[M, N] (float32) = x[M, K] (float32) @ W^T for an affine weight (above). Returns 0 on success.
+int qc_affine_linear(const float* x, int64_t m, const int32_t* qweight, const int32_t* qzeros, const uint16_t* zeros,
+                     const uint16_t* scales, const int32_t* g_idx, int bits, int64_t groups, int64_t n, int64_t k,
+                     float* out, int threads) {
+    if (m < 0 || n < 0 || k < 0 || groups <= 0) return 1;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
+    if ((qzeros == nullptr) == (zeros == nullptr)) return 3;
+    if (m == 0 || n == 0) return 0;
+    for (int64_t i = 0; i < k; ++i)
+        if (g_idx[i] < 0 || g_idx[i] >= groups) return 4;
+    const Affine a{qweight, qzeros, zeros, scales, g_idx, bits, groups, n, k};
+    if (!affine_fast(a, x, m, out, threads)) affine_generic(a, x, m, out, threads);
     return 0;
 }
 

@@ -5,6 +5,9 @@
   registers, uses it for every row of x, and never writes the weight anywhere: the weight is read once, at
   4 bits. Above it, bands of rows are decoded by the C++ decoder into a reused buffer, and each band is
   multiplied by torch's matmul (oneDNN / MKL, AMX where present).
+* :func:`linear_affine` computes it for an affine group-wise integer W in GPTQ's layout (``affine``, ``gptq``,
+  ``awq``, ``hqq``): up to AFFINE_FUSED_MAX_ROWS rows of x a fused kernel over 16 output features at a time
+  (W in float32, never written); above, None (the torch reference).
 * :func:`decode_4bit` fills a float tensor with a window of rows x columns of W, bit for bit the torch
   reference's values.
 
@@ -31,6 +34,10 @@ FUSED_MAX_ROWS = 8
 BAND_ELEMENTS = 1 << 22
 MIN_BAND_ROWS = 64
 
+# The affine kernel decodes per 16 weights and row tile of x (no table lookup to share): up to this many
+# rows of x it beats the reference's decode + matmul (measured: see linear_affine).
+AFFINE_FUSED_MAX_ROWS = 16
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _i32, _f32, _p = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -51,6 +58,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qc_lowbit4_decode.restype = _i32
     lib.qc_lowbit4_linear.argtypes = [_p, _i32, _i64, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i32, _p, _i32]
     lib.qc_lowbit4_linear.restype = _i32
+    lib.qc_affine_linear.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _p, _i32]
+    lib.qc_affine_linear.restype = _i32
     return lib
 
 
@@ -154,3 +163,36 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
                 return None
             out[:, start:stop] = torch.nn.functional.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor | None, zeros: torch.Tensor | None,
+                  scales: torch.Tensor, g_idx: torch.Tensor, input_scale: torch.Tensor | None,
+                  bias: torch.Tensor | None, bits: int, out_features: int, in_features: int,
+                  compute_dtype: torch.dtype, library: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """``qcompile::linear_affine`` on CPU, fused, for up to AFFINE_FUSED_MAX_ROWS rows of x: x rounded to
+    ``compute_dtype`` (and multiplied by ``input_scale``, AWQ's), W's values in float32 (the reference rounds
+    them to ``compute_dtype``), float32 sums, the result rounded to ``compute_dtype`` and returned in
+    ``x.dtype``. None: not taken (more rows, no library, a layout it does not read)."""
+    lib = library or _library()
+    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+        return None
+    m = x.numel() // in_features if in_features else 0
+    if m > AFFINE_FUSED_MAX_ROWS or not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
+        return None
+    if (qweight.dtype != torch.int32 or scales.dtype != torch.float16 or g_idx.dtype != torch.int32
+            or (qzeros is not None and qzeros.dtype != torch.int32) or (zeros is not None and zeros.dtype != torch.float16)
+            or scales.dim() != 2 or scales.shape[1] != out_features or g_idx.numel() != in_features):
+        return None
+    x_c = x.reshape(-1, in_features).to(compute_dtype).float()
+    if input_scale is not None:
+        x_c = x_c * input_scale.float()
+    x_c = x_c.contiguous()
+    out = torch.empty((m, out_features), dtype=torch.float32)
+    status = lib.qc_affine_linear(x_c.data_ptr(), m, qweight.data_ptr(), _ptr(qzeros), _ptr(zeros), scales.data_ptr(),
+                                  g_idx.data_ptr(), bits, scales.shape[0], out_features, in_features, out.data_ptr(),
+                                  torch.get_num_threads())
+    if status != 0:
+        return None
+    if bias is not None:
+        out += bias.to(compute_dtype).float()
+    return out.to(compute_dtype).to(x.dtype).view(*x.shape[:-1], out_features)

@@ -45,7 +45,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         out[..., word] = (shifted * inside).sum(-1) & 0xFFFFFFFF
     out = out.reshape(*out.shape[:-2], -1)
     out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-    return out.movedim(-1, dim)
+    return out.movedim(-1, dim).contiguous()  # row-major, as checkpoints store it and the CPU kernel reads it
 
 
 def unpack_int32(words: torch.Tensor, bits: int, dim: int, count: int | None = None) -> torch.Tensor:

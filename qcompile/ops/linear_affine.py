@@ -7,7 +7,7 @@ from qcompile.formats.blockwise import CHUNK_ELEMENTS
 from qcompile.formats.packed_affine import decode_affine
 from qcompile.ops.banded import banded_linear
 from qcompile.ops.bindings import bind
-from qcompile.ops.dispatch import check_kernels, codegen_function, use_triton
+from qcompile.ops.dispatch import check_kernels, codegen_function, use_cpu_kernels, use_triton
 
 
 def linear_affine_reference(
@@ -58,12 +58,18 @@ def linear_affine(
     kernels: str,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for an affine group-wise W [out_features, in_features] (``formats/packed_affine.py``);
-    on Triton the low-bit family's affine decode (``codegen/lowbit.py``)."""
+    on Triton the low-bit family's affine decode (``codegen/lowbit.py``); on CPU at decode sizes the fused
+    C++ kernel (``codegen/cpu_lowbit.py``)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match in_features {in_features}")
     if use_triton(kernels, x):
         return codegen_function("lowbit", "linear_affine")(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias,
                                                         bits, out_features, in_features, compute_dtype)
+    if use_cpu_kernels(kernels, x):
+        out = codegen_function("cpu_lowbit", "linear_affine")(x, qweight, qzeros, zeros, scales, g_idx, input_scale,
+                                                              bias, bits, out_features, in_features, compute_dtype)
+        if out is not None:
+            return out
     return linear_affine_reference(x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features,
                                    in_features, compute_dtype)
 

@@ -182,3 +182,66 @@ def test_a_failing_build_is_logged_not_raised(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qcompile.codegen.cpu_build"):
         assert cpu_build.build_library("lowbit", ("-DQC_NO_SUCH_FLAG", "-fno-such-option-exists")) is None
     assert "could not build" in caplog.text
+
+
+AFFINE_SPECS = [
+    {"type": "affine", "bits": 4, "group_size": 128},
+    {"type": "affine", "bits": 3, "group_size": 64},
+    {"type": "affine", "bits": 2, "group_size": 32, "sym": True},
+    {"type": "affine", "bits": 8, "group_size": -1},
+    {"type": "hqq", "bits": 4, "group_size": 64},  # float16 zeros
+]
+
+
+def _affine(spec: dict, n: int, k: int, compute_dtype: torch.dtype, act_order: bool = False, awq: bool = False):
+    torch.manual_seed(0)
+    scheme = scheme_from_dict({**spec, "compute_dtype": str(compute_dtype).removeprefix("torch.")})
+    packed = scheme.pack(torch.randn(n, k) * 0.05)
+    t = dict(packed.tensors())
+    if act_order:  # GPTQ's desc_act: input features visit the groups in any order
+        t["g_idx"] = t["g_idx"][torch.randperm(k)].contiguous()
+    if awq:
+        t["input_scale"] = (torch.rand(k) + 0.5).contiguous()
+    return scheme, (t["qweight"], t["qzeros"], t["zeros"], t["scales"], t["g_idx"], t["input_scale"])
+
+
+@pytest.mark.parametrize("variant", ["plain", "act_order", "awq"])
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("spec", AFFINE_SPECS, ids=lambda s: f"{s['type']}{s['bits']}g{s['group_size']}")
+def test_affine_linear_matches_reference(library, spec, compute_dtype, variant):
+    from qcompile.formats.packed_affine import decode_affine
+    from qcompile.ops.linear_affine import linear_affine_reference
+
+    # 80: a last tile of 16 output features that is partly empty (3 bits pack zeros in runs of 32 features)
+    n, k = (96 if spec["bits"] == 3 else 80), 256
+    scheme, args = _affine(spec, n, k, compute_dtype, variant == "act_order", variant == "awq")
+    weight = decode_affine(*args[:5], scheme.bits, n, dtype=torch.float32, input_scale=args[5])
+    for lead in ((0,), (1,), (3,), (2, 5)):
+        x = torch.randn(*lead, k).to(compute_dtype)
+        bias = torch.randn(n)
+        ref = linear_affine_reference(x, *args, bias, scheme.bits, n, k, compute_dtype)
+        got = cpu_lowbit.linear_affine(x, *args, bias, scheme.bits, n, k, compute_dtype, library)
+        assert got is not None and got.shape == ref.shape and got.dtype == x.dtype
+        eps = torch.finfo(compute_dtype).eps
+        magnitude = x.float().abs() @ weight.abs().t()
+        tolerance = eps * magnitude + eps * ref.float().abs() + 1e-5 * magnitude + 1e-6
+        assert ((got.float() - ref.float()).abs() <= tolerance).all()
+
+
+def test_affine_above_the_fused_rows_is_left_to_the_reference():
+    scheme, args = _affine(AFFINE_SPECS[0], 32, 128, torch.float32)
+    x = torch.randn(cpu_lowbit.AFFINE_FUSED_MAX_ROWS + 1, 128)
+    assert cpu_lowbit.linear_affine(x, *args, None, scheme.bits, 32, 128, torch.float32) is None
+    assert cpu_lowbit.linear_affine(x[:1], *args, None, scheme.bits, 32, 128, torch.float32) is not None
+
+
+def test_affine_op_auto_runs_the_cpu_kernel(monkeypatch):
+    calls = []
+    original = cpu_lowbit.linear_affine
+    monkeypatch.setattr(cpu_lowbit, "linear_affine", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    scheme, args = _affine(AFFINE_SPECS[0], 32, 128, torch.float32)
+    x = torch.randn(2, 128)
+    auto = torch.ops.qcompile.linear_affine(x, *args, None, scheme.bits, 32, 128, torch.float32, "auto")
+    reference = torch.ops.qcompile.linear_affine(x, *args, None, scheme.bits, 32, 128, torch.float32, "reference")
+    assert calls == [1]
+    assert torch.allclose(auto, reference, rtol=1e-5, atol=1e-5)
