@@ -179,8 +179,11 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     m = x.numel() // in_features if in_features else 0
     if m > AFFINE_FUSED_MAX_ROWS or not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
         return None
-    if (qweight.dtype != torch.int32 or scales.dtype != torch.float16 or g_idx.dtype != torch.int32
-            or (qzeros is not None and qzeros.dtype != torch.int32) or (zeros is not None and zeros.dtype != torch.float16)
+    if qzeros is not None:
+        zero_ok = qzeros.dtype == torch.int32
+    else:
+        zero_ok = zeros is not None and zeros.dtype == torch.float16
+    if (qweight.dtype != torch.int32 or scales.dtype != torch.float16 or g_idx.dtype != torch.int32 or not zero_ok
             or scales.dim() != 2 or scales.shape[1] != out_features or g_idx.numel() != in_features):
         return None
     x_c = x.reshape(-1, in_features).to(compute_dtype).float()
