@@ -150,10 +150,18 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
             out += bias.to(compute_dtype).float()
         out = out.to(compute_dtype)
     else:
-        out = torch.empty((m, out_features), dtype=compute_dtype)
         rows = _band_rows(in_features)
         band = torch.empty((min(rows, out_features), in_features), dtype=compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
+        if rows >= out_features:  # one band: no output buffer to copy it into (QLoRA's peak memory counts it)
+            weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                                 (out_features, in_features), (0, out_features), (0, in_features), band, lib)
+            if weight is None:
+                return None
+            out = torch.nn.functional.linear(x_c, weight, bias_c)
+            del weight, band
+            return out.to(x.dtype).view(*x.shape[:-1], out_features)
+        out = torch.empty((m, out_features), dtype=compute_dtype)
         for start in range(0, out_features, rows):
             stop = min(start + rows, out_features)
             weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,

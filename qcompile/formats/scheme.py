@@ -261,13 +261,17 @@ class PackedWeight:
         step = self.column_band_step()
         if step is not None:
             cols = max(step, max(MIN_GRAD_BAND, band_elements // n) // step * step)
+            if x_dtype != dtype:
+                # Each band's product is cast into the x_dtype result as it is made: the whole product in
+                # the compute dtype never exists beside its cast (QLoRA: bf16 compute, fp32 activations).
+                cols = min(cols, max(step, max(MIN_GRAD_BAND, k // 4) // step * step))
             if cols >= k:  # one band: the whole weight is no larger than a band
                 return (g @ self.dequantize(dtype)).to(x_dtype).view(out_shape)
-            out = torch.empty((g.shape[0], k), dtype=dtype, device=g.device)
+            out = torch.empty((g.shape[0], k), dtype=x_dtype, device=g.device)
             for start in range(0, k, cols):
                 stop = min(start + cols, k)
                 out[:, start:stop] = g @ self.dequantize_cols(start, stop, dtype)
-            return out.to(x_dtype).view(out_shape)
+            return out.view(out_shape)
         rows = max(MIN_GRAD_BAND, band_elements // k)
         if rows >= n:
             return (g @ self.dequantize(dtype)).to(x_dtype).view(out_shape)

@@ -149,6 +149,22 @@ def test_banded_grad_input_takes_several_bands_of_each_kind():
     assert [c[1:] for c in calls if c[0] == "dequantize_rows"] == [(0, 128), (128, 256), (256, 260)]
 
 
+def test_a_cast_gradient_is_made_in_bands_even_when_the_weight_fits_one():
+    """bf16 compute with fp32 activations (QLoRA): each band's bf16 product is cast into the fp32 result as it
+    is made, so the whole bf16 product never sits beside its fp32 copy; in the compute dtype one band does."""
+    packed = SCHEMES["nf4-dq-bf16"].pack(_weight((64, 512)))
+    calls = []
+    original = packed.dequantize_cols
+    packed.dequantize_cols = lambda s, e, d=None: calls.append((s, e)) or original(s, e, d)
+    grad = torch.randn(3, 64)
+    cast = packed.grad_input(grad, torch.float32)
+    assert calls == [(0, 128), (128, 256), (256, 384), (384, 512)]
+    calls.clear()
+    same = packed.grad_input(grad, torch.bfloat16)
+    assert calls == []  # one band: the whole (small) weight
+    assert cast.dtype == torch.float32 and torch.equal(cast, same.float())
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (in elements) any op allocates while active.
 
