@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+
 namespace {
 
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
@@ -59,6 +60,19 @@ int log2_exact(int64_t value) {  // -1 unless value is a power of two
     for (int bit = 0; bit < 63; ++bit)
         if (value == (int64_t{1} << bit)) return bit;
     return -1;
+}
+
+// The fused kernels read R rows of W side by side, each a stream of k / 2 bytes; at k = 2048 a group of 4
+// rows is one 4 KiB page, and hardware prefetchers stop at page boundaries, so every group started cold.
+// Each chunk read also prefetches the same chunk of the next group's row (measured, 2-core Sapphire
+// Rapids, a Llama-1B layer's seven weights at M = 1: 3.2 -> 2.2 ms; 512 bytes ahead in the same row
+// gave 2.7).
+inline void prefetch_next_group(const Weight& w, int64_t i, int rows) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+    _mm_prefetch(reinterpret_cast<const char*>(w.packed + i / 2 + rows * w.k / 2), _MM_HINT_T0);
+#else
+    (void)w, (void)i, (void)rows;
+#endif
 }
 
 inline uint16_t bf16_bits(float value) {  // round to nearest even, as torch's float -> bfloat16
@@ -352,6 +366,7 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
             const int64_t i = (n0 + r) * w.k + c;
             const __m512 scale = _mm512_set1_ps(block_absmax(w, i >> w.shift));
             const uint8_t* bytes = w.packed + i / 2;
+            prefetch_next_group(w, i, R);
             __m512 dot[MT];
             for (int t = 0; t < MT; ++t) dot[t] = _mm512_setzero_ps();
             for (int h = 0; h < 2; ++h) {
@@ -399,6 +414,7 @@ void tile_bf16(const Weight& w, int64_t n0, const uint16_t* xs, int64_t m0, floa
     for (int64_t c = 0; c < chunks; ++c) {
         for (int r = 0; r < R; ++r) {
             const int64_t i = (n0 + r) * w.k + 64 * c;
+            prefetch_next_group(w, i, R);
             const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + i / 2)));
             const __m512bh hi = (__m512bh)(_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
             const __m512bh lo = (__m512bh)(_mm512_permutexvar_epi16(v, table));
@@ -478,6 +494,7 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
             const int64_t i = (n0 + r) * w.k + c;
             const __m256 scale = _mm256_set1_ps(block_absmax(w, i >> w.shift));
             const uint8_t* bytes = w.packed + i / 2;
+            prefetch_next_group(w, i, R);
             __m256 dot[MT];
             for (int t = 0; t < MT; ++t) dot[t] = _mm256_setzero_ps();
             for (int q = 0; q < 4; ++q) {
