@@ -134,7 +134,7 @@ def test_cpu_compare_small_run_writes_both_schemes(tmp_path):
     rows = {r["scheme_name"]: r for r in doc["forward"]["results"]}
     assert set(rows) == {"nf4_dq", "llm_int8"}
     for row in rows.values():
-        assert {"qcompile_compiled", "qcompile_reference", "bnb_eager", "bnb_eager_train_mode",
+        assert {"qcompile_compiled", "qcompile_op", "qcompile_reference", "bnb_eager", "bnb_eager_train_mode",
                 "dense_f_linear"} <= set(row["timings"])
     # The reference has bitsandbytes' numerics (dequantize + F.linear for NF4, LLM.int8()'s inference path);
     # the C++ NF4 kernel sums in another order.
