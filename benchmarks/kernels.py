@@ -7,7 +7,9 @@
 Shapes are the Llama-3-8B linear layers (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096,
 down 4096x14336; layers with the same shape are measured once), M = 1, 2, 4, ..., 1024, 4096, bf16
 activations. Every kernel is called once first (that call autotunes it and the chosen config is
-recorded), then timed with ``triton.testing.do_bench`` (median; a perf_counter loop off CUDA).
+recorded), then timed with ``triton.testing.do_bench`` (median; a perf_counter loop off CUDA). On CUDA
+each row also has ``median_s_cudagraph`` (``do_bench_cudagraph``: replayed from a CUDA graph, the kernels'
+time without host cost) and ``host_s`` (host time per call, launches not waited for).
 
 Writes ``kernels.json`` (device, versions, measured peaks, one row per case, goals) and the plots
 ``kernels_speedup.png`` (speedup over torch bf16 against M, one panel per shape) and
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.roofline import Peaks, linear_flops, measure_peaks, roofline_seconds
-from benchmarks.timing import environment, median_seconds, progress, results_dir
+from benchmarks.timing import cudagraph_seconds, environment, host_seconds, median_seconds, progress, results_dir
 
 # (name, layers, out_features N, in_features K) of Llama-3-8B; equal shapes are measured once.
 LLAMA3_8B_SHAPES = (
@@ -163,6 +165,14 @@ def _measure(fn: Callable[[], torch.Tensor], device: torch.device, smoke: bool) 
     return median_seconds(fn, device, **reps), y, launches
 
 
+def _host_and_graph(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """On CUDA: the time replayed from a CUDA graph (the kernels alone) and the host time per call (what a
+    decode step pays per linear without CUDA graphs); ``median_s`` above has both in it."""
+    if device.type != "cuda":
+        return {}
+    return {"median_s_cudagraph": cudagraph_seconds(fn), "host_s": host_seconds(fn, device)}
+
+
 def _row(base: dict[str, Any], seconds: float, bytes_moved: int, flops: int, peaks: Peaks,
          int8_compute: bool) -> dict[str, Any]:
     bound = roofline_seconds(bytes_moved, flops, peaks, int8_compute)
@@ -207,7 +217,8 @@ def _cases(shape: tuple, m: int, cases: list[SchemeCase], impls: tuple[str, ...]
 
     def bf16_case() -> dict[str, Any]:
         seconds, _, _ = _measure(lambda: F.linear(x, weight), device, smoke)
-        return _row(bf16_base, seconds, n * k * 2 + act_bytes, flops, peaks, False)
+        row = _row(bf16_base, seconds, n * k * 2 + act_bytes, flops, peaks, False)
+        return {**row, **_host_and_graph(lambda: F.linear(x, weight), device)}
 
     guarded(bf16_base, bf16_case)
     for case in cases:
@@ -216,7 +227,8 @@ def _cases(shape: tuple, m: int, cases: list[SchemeCase], impls: tuple[str, ...]
         def scheme_case(case: SchemeCase, packed: Any, impl: str, row_base: dict[str, Any]) -> dict[str, Any]:
             seconds, y, launches = _measure(lambda: linear(packed, x, kernels=impl), device, smoke)
             row = _row(row_base, seconds, packed.nbytes + act_bytes, flops, peaks, case.int8_compute)
-            row.update(rel_err_vs_bf16=_rel_err(y, ref), autotune=launches)
+            row.update(rel_err_vs_bf16=_rel_err(y, ref), autotune=launches,
+                       **_host_and_graph(lambda: linear(packed, x, kernels=impl), device))
             return row
 
         for impl in impls:
@@ -227,10 +239,11 @@ def _cases(shape: tuple, m: int, cases: list[SchemeCase], impls: tuple[str, ...]
             layer = _bnb_module(case.bnb, weight, device)
             with torch.no_grad():
                 seconds, y, _ = _measure(lambda: layer(x), device, smoke)
+                timings = _host_and_graph(lambda: layer(x), device)
             # Same format, same minimum traffic as qcompile's packed weight.
             row = _row(bnb_base, seconds, weight_bytes + act_bytes, flops, peaks, case.int8_compute)
             row["rel_err_vs_bf16"] = _rel_err(y, ref)
-            return row
+            return {**row, **timings}
 
         if case.bnb and bnb:
             bnb_base = {**base, "scheme": case.bnb, "impl": "bitsandbytes", "baseline_for": case.name}

@@ -47,6 +47,30 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, *, warmup_ms: fl
     return statistics.median(times)
 
 
+def cudagraph_seconds(fn: Callable[[], Any], *, rep_ms: float = 100) -> float | str:
+    """Median GPU time of one ``fn()`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``):
+    the kernels' own time, with no host launch cost in it. A string (why) when ``fn`` cannot be captured."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") / 1e3
+    except Exception as exc:  # noqa: BLE001 - a capture failure is a result to report, not a crash
+        return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def host_seconds(fn: Callable[[], Any], device: torch.device, calls: int = 50) -> float:
+    """Host time of one ``fn()`` call: the wall time of ``calls`` calls with no synchronization between them,
+    divided by ``calls`` (the launches queue on the device; what is measured is the Python and launch cost)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    sync(device)
+    return elapsed / calls
+
+
 def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
     """``tqdm`` when it is installed, else a one-line counter on stderr (nothing when stderr is not a TTY
     and not forced with ``QCOMPILE_BENCH_PROGRESS=1``, so logs stay readable)."""

@@ -402,6 +402,7 @@ class TunedKernel:
         self.reset_to_zero = list(reset_to_zero)
         self._tuners: dict[tuple[str, int, str], Any] = {}
         self._winners: dict[str, Any] = {}
+        self._keys: dict[tuple[Any, ...], str] = {}  # call signature -> cache key text (see _choose)
         self._disk = AutotuneCache()
         self._source_hash: str | None = None  # on the first tuned launch: reading source is not import work
         self._constexprs: tuple[frozenset[str], frozenset[str]] | None = None
@@ -466,11 +467,19 @@ class TunedKernel:
         mode = autotune_mode()  # also validates the variable under the interpreter, where it is "off"
         if mode == "off":
             return mode, (self.interpreter_config(named) if interpreting() else self.heuristic(named)), None
-        dtypes = [str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)]
-        key = cache_key(
-            device_name(tensor_device(args)), f"{self.name}:{mode}@{self.source_hash}",
-            [m_bucket(m), *(named[k] for k in self.key_names), *dtypes, constexpr_key(constexprs)],
-        )
+        # The cache key's text (device name, Triton version, JSON) costs more host time than the launch
+        # itself; it is built once per distinct call signature and remembered under a cheap tuple.
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        signature = (mode, m_bucket(m), *(named[k] for k in self.key_names), *(t.dtype for t in tensors),
+                     tensors[0].device if tensors else None, *sorted(constexprs.items()))
+        key = self._keys.get(signature)
+        if key is None:
+            dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+            key = cache_key(
+                device_name(tensor_device(args)), f"{self.name}:{mode}@{self.source_hash}",
+                [m_bucket(m), *(named[k] for k in self.key_names), *dtypes, constexpr_key(constexprs)],
+            )
+            self._keys[signature] = key
         if key in self._winners:
             return mode, self._winners[key], key
         stored = self._disk.get(key)

@@ -387,3 +387,17 @@ def test_entries_of_another_kernel_source_or_key_format_are_not_used(tuned_in_in
         warnings.simplefilter("error")
         torch.testing.assert_close(_gemv(x, packed, absmax, code, n, k, bs), expected)
     assert _gemv_entries() == {other_source: stale, old_format: stale, key: good}
+
+
+def test_cache_key_text_is_built_once_per_call_signature(cache_dir, monkeypatch):
+    monkeypatch.setattr(autotune, "autotune_mode", lambda: "fast")
+    tuned = _tuned()
+    args = (torch.zeros(4), 256)
+    key = tuned.choose(args, m=1, VALUE=1.5)[1][1]
+    assert tuned.choose(args, m=3, VALUE=1.5)[1][1] != key  # another M bucket
+    assert tuned.choose(args, m=1, VALUE=2.5)[1][1] != key  # another constexpr
+    assert tuned.choose((torch.zeros(4, dtype=torch.float16), 256), m=1, VALUE=1.5)[1][1] != key  # another dtype
+    built = []
+    monkeypatch.setattr(autotune, "cache_key", lambda *a, **kw: built.append(a) or "rebuilt")
+    assert tuned.choose(args, m=1, VALUE=1.5)[1][1] == key and built == []  # remembered, not rebuilt
+    assert tuned.choose(args, m=8, VALUE=1.5)[1][1] == "rebuilt"  # M=8: a new bucket, its text is built
