@@ -28,7 +28,8 @@ import torch
 from benchmarks.timing import environment, results_dir
 
 
-def _per_call_us(fn, reps: int) -> float:
+def per_call_us(fn, reps: int) -> float:
+    """Microseconds per ``fn()`` call: the best of 5 rounds of ``reps`` calls."""
     for _ in range(min(reps, 1000)):
         fn()
     best = float("inf")
@@ -63,31 +64,39 @@ def measure(reps: int) -> dict[str, float]:
     quantized_linear = torch.ops.qcompile.quantized_linear.default
     with torch.no_grad():
         rows = {
-            "format_op": _per_call_us(lambda: format_op(*args), reps),
-            "quantized_linear": _per_call_us(
+            "format_op": per_call_us(lambda: format_op(*args), reps),
+            "quantized_linear": per_call_us(
                 lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference"), reps),
-            "quantized_linear_with_decision": _per_call_us(
+            "quantized_linear_with_decision": per_call_us(
                 lambda: quantized_linear(x, weight, bias, key, False, "weight", "reference", config), reps),
-            "lookup": _per_call_us(lambda: packed_weight(weight, scheme, False, "weight"), reps),
-            "decision_lookup": _per_call_us(lambda: own_scheme(weight, key, config), reps),
+            "lookup": per_call_us(lambda: packed_weight(weight, scheme, False, "weight"), reps),
+            "decision_lookup": per_call_us(lambda: own_scheme(weight, key, config), reps),
         }
     rows["added_per_call"] = rows["quantized_linear"] - rows["format_op"]
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20000)
+def run(argv: list[str] | None, description: str, measure_rows, default_reps: int, filename: str,
+        **extra: object) -> None:
+    """Parse ``--reps`` / ``--out``, print ``measure_rows(reps)`` (name -> microseconds) and write them to
+    ``--out/filename`` with the environment and ``extra``; shared by the per-call overhead benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--reps", type=int, default=default_reps)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = measure(args.reps)
+    rows = measure_rows(args.reps)
     for name, us in rows.items():
-        print(f"{name:18s} {us:8.2f} us")
+        print(f"{name:18s} {us:8.2f}")
     out = results_dir(args.out, smoke=False, cuda=False)
     if out is not None:
-        path = out / "call_overhead.json"
-        path.write_text(json.dumps({"environment": environment(torch.device("cpu")), "per_call_us": rows}, indent=2))
+        path = out / filename
+        doc = {"environment": environment(torch.device("cpu")), "per_call_us": rows, **extra}
+        path.write_text(json.dumps(doc, indent=2))
         print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(argv, __doc__.splitlines()[0], measure, 20000, "call_overhead.json")
 
 
 if __name__ == "__main__":

@@ -23,30 +23,14 @@ Triton's own launcher (``kernel[grid](...)``, a few microseconds per launch in T
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.timing import environment, results_dir
-
-
-def _per_call_us(fn, reps: int) -> float:
-    for _ in range(min(reps, 200)):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best * 1e6
+from benchmarks.call_overhead import per_call_us, run
 
 
 @contextlib.contextmanager
@@ -69,13 +53,22 @@ def cuda_like_host_path(launches: list[int]) -> Iterator[None]:
         autotune.run_kernel, autotune.interpreting, autotune.autotune_mode, _common.interpreting = saved
 
 
-def _seed_winners() -> None:
-    """Make every tuned lowbit kernel's cache answer at once with its heuristic config, as after tuning."""
+@contextlib.contextmanager
+def seeded_winners() -> Iterator[None]:
+    """Inside: every tuned lowbit kernel's cache answers at once with its heuristic config, as after tuning;
+    the kernels' caches are as before afterwards."""
     from qcompile.codegen import autotune, lowbit
 
-    for variant in ("gemv", "gemm_split_k", "gemm"):
-        tuned = lowbit._tuned(variant)
-        tuned._disk.get = lambda key, tuned=tuned: autotune.config_to_dict(tuned.interpreter_config({}))  # noqa: B023
+    tuned = [lowbit._tuned(variant) for variant in ("gemv", "gemm_split_k", "gemm")]
+    saved = [(t._disk, t._winners, t._keys) for t in tuned]
+    for t in tuned:
+        t._disk, t._winners, t._keys = autotune.AutotuneCache(), {}, {}
+        t._disk.get = lambda key, t=t: autotune.config_to_dict(t.interpreter_config({}))
+    try:
+        yield
+    finally:
+        for t, (disk, winners, keys) in zip(tuned, saved, strict=True):
+            t._disk, t._winners, t._keys = disk, winners, keys
 
 
 def measure(reps: int) -> dict[str, float]:
@@ -99,33 +92,21 @@ def measure(reps: int) -> dict[str, float]:
     args = op_arguments(packed, x, None, "triton")
     codegen_args = args[:-1]
     launches = [0]
-    _seed_winners()
-    with torch.no_grad(), cuda_like_host_path(launches):
+    with torch.no_grad(), seeded_winners(), cuda_like_host_path(launches):
         lowbit.linear_4bit(*codegen_args)
         launches[0] = 0
         lowbit.linear_4bit(*codegen_args)
         rows = {"launches": float(launches[0]),
-                "codegen": _per_call_us(lambda: lowbit.linear_4bit(*codegen_args), reps),
-                "format_op": _per_call_us(lambda: op(*args), reps),
-                "quantized_linear": _per_call_us(lambda: torch.ops.qcompile.quantized_linear.default(
+                "codegen": per_call_us(lambda: lowbit.linear_4bit(*codegen_args), reps),
+                "format_op": per_call_us(lambda: op(*args), reps),
+                "quantized_linear": per_call_us(lambda: torch.ops.qcompile.quantized_linear.default(
                     x, linear.weight, None, key, False, "weight", "triton"), reps)}
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    rows = measure(args.reps)
-    for name, value in rows.items():
-        print(f"{name:18s} {value:8.2f}")
-    out = results_dir(args.out, smoke=False, cuda=False)
-    if out is not None:
-        path = out / "host_overhead.json"
-        path.write_text(json.dumps({"environment": environment(torch.device("cpu")), "per_call_us": rows,
-                                    "shape": [4096, 4096], "m": 1, "scheme": "nf4 double quant, bf16"}, indent=2))
-        print(f"wrote {path}")
+    run(argv, __doc__.splitlines()[0], measure, 5000, "host_overhead.json", shape=[4096, 4096], m=1,
+        scheme="nf4 double quant, bf16", unit="microseconds per call; launches: count")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,22 @@ void decode_row(const Weight& w, int64_t n, int64_t c0, int64_t c1, int dtype, v
 // instruction set reads (rows of K, each 64-chunk's even elements then its odd ones), so that a chunk's
 // high nibbles (even elements) and low nibbles (odd elements) each meet their x without a shuffle.
 
+// x [m, k] -> per SPAN elements: their SPAN / 2 even elements, then their SPAN / 2 odd ones (the order in
+// which a SPAN / 2 bytes' high and low nibbles come out of the decode). k is a multiple of SPAN.
+template <int SPAN, typename T>
+void split_even_odd(const T* x, int64_t m, int64_t k, T* dst) {
+    for (int64_t r = 0; r < m; ++r) {
+        for (int64_t c = 0; c < k; c += SPAN) {
+            const T* src = x + r * k + c;
+            T* d = dst + r * k + c;
+            for (int j = 0; j < SPAN / 2; ++j) {
+                d[j] = src[2 * j];
+                d[SPAN / 2 + j] = src[2 * j + 1];
+            }
+        }
+    }
+}
+
 constexpr int kRows = 4;     // rows of W decoded per step (independent accumulators for M = 1)
 constexpr int kXRows = 4;    // rows of x per tile
 
@@ -340,20 +356,6 @@ void linear_generic(const Weight& w, const float* x, int64_t m, float* out, int 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// x (float32 [m, k]) -> per 64-chunk: 16 even, 16 odd of its first 32, then of its second 32.
-void split_x_f32(const float* x, int64_t m, int64_t k, float* dst) {
-    for (int64_t r = 0; r < m; ++r) {
-        for (int64_t c = 0; c < k; c += 32) {
-            const float* src = x + r * k + c;
-            float* d = dst + r * k + c;
-            for (int j = 0; j < 16; ++j) {
-                d[j] = src[2 * j];
-                d[16 + j] = src[2 * j + 1];
-            }
-        }
-    }
-}
-
 template <int R, int MT>
 void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* out, int dtype) {
     __m512 acc[R][MT];
@@ -387,20 +389,6 @@ void tile_f32(const Weight& w, int64_t n0, const float* xs, int64_t m0, float* o
 }
 
 #if defined(__AVX512BF16__)
-// x (bf16 bits [m, k]) -> per 64-chunk: its 32 even elements, then its 32 odd ones.
-void split_x_bf16(const uint16_t* x, int64_t m, int64_t k, uint16_t* dst) {
-    for (int64_t r = 0; r < m; ++r) {
-        for (int64_t c = 0; c < k; c += 64) {
-            const uint16_t* src = x + r * k + c;
-            uint16_t* d = dst + r * k + c;
-            for (int j = 0; j < 32; ++j) {
-                d[j] = src[2 * j];
-                d[32 + j] = src[2 * j + 1];
-            }
-        }
-    }
-}
-
 template <int R, int MT>
 void tile_bf16(const Weight& w, int64_t n0, const uint16_t* xs, int64_t m0, float* out) {
     __m512 acc[R][MT];
@@ -437,7 +425,7 @@ bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* 
 #if defined(__AVX512BF16__)
     if (dtype == BF16 && x_dtype == BF16) {
         uint16_t* xs = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * m * w.k));
-        split_x_bf16(static_cast<const uint16_t*>(x), m, w.k, xs);
+        split_even_odd<64>(static_cast<const uint16_t*>(x), m, w.k, xs);
         run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_bf16, xs, m0, out));
         std::free(xs);
         return true;
@@ -446,7 +434,7 @@ bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* 
     float* xf = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * m * w.k));
     float* xs = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * m * w.k));
     for (int64_t i = 0; i < m * w.k; ++i) xf[i] = load(x, i, x_dtype);
-    split_x_f32(xf, m, w.k, xs);
+    split_even_odd<32>(xf, m, w.k, xs);
     run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_f32, xs, m0, out, dtype));
     std::free(xf);
     std::free(xs);
@@ -457,20 +445,6 @@ inline float hsum8(__m256 v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-// x (float32 [m, k]) -> per 16-chunk: its 8 even elements, then its 8 odd ones.
-void split_x_f32(const float* x, int64_t m, int64_t k, float* dst) {
-    for (int64_t r = 0; r < m; ++r) {
-        for (int64_t c = 0; c < k; c += 16) {
-            const float* src = x + r * k + c;
-            float* d = dst + r * k + c;
-            for (int j = 0; j < 8; ++j) {
-                d[j] = src[2 * j];
-                d[8 + j] = src[2 * j + 1];
-            }
-        }
-    }
 }
 
 inline __m256 lookup16(__m256i idx, __m256 low, __m256 high) {
@@ -519,7 +493,7 @@ bool linear_fast(const Weight& w, const void* x, int x_dtype, int64_t m, float* 
     float* xf = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
     float* xs = static_cast<float*>(std::aligned_alloc(32, sizeof(float) * m * w.k));
     for (int64_t i = 0; i < m * w.k; ++i) xf[i] = load(x, i, x_dtype);
-    split_x_f32(xf, m, w.k, xs);
+    split_even_odd<16>(xf, m, w.k, xs);
     run_tiles(w, m, threads, QC_DISPATCH_TILE(tile_f32, xs, m0, out, dtype));
     std::free(xf);
     std::free(xs);

@@ -201,3 +201,15 @@ def test_load_smoke_quantizes_while_loading_and_compares_with_bitsandbytes(tmp_p
     assert ours["packed_weights"] == 2 * 7  # every projection of the 2 layers
     assert 0 < ours["footprint"]["packed_bytes"] < result["checkpoint"]["total_bytes"]
     assert result["goals"]["packed_model_bytes"] == ours["footprint"]["total_bytes"]
+
+
+def test_host_overhead_measures_the_cuda_host_path_with_launches_stubbed(tmp_path):
+    from benchmarks import host_overhead
+    from qcompile.codegen import autotune
+
+    real_run_kernel = autotune.run_kernel
+    host_overhead.main(["--reps", "20", "--out", str(tmp_path)])
+    assert autotune.run_kernel is real_run_kernel  # the stubs are undone
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["per_call_us"]
+    assert rows["launches"] == 2  # the GEMV and its split-K sum
+    assert all(rows[name] > 0 for name in ("codegen", "format_op", "quantized_linear"))
