@@ -1,4 +1,5 @@
-"""Triton kernels for the qcompile ops, one kernel family per module, imported lazily by the ops.
+"""Kernels for the qcompile ops, one kernel family per module, imported lazily by the ops: Triton for CUDA,
+C++ for CPU.
 
 * ``lowbit.linear_4bit``, ``lowbit.linear_affine``   the low-bit family (decode per format): GEMV/split-K and GEMM
 * ``int8_weight_only.int8_weight_only``  int8 weight, float activations
@@ -6,6 +7,10 @@
 * ``w8a8_dynamic.w8a8_dynamic``          per-token asymmetric int8 activations x int8 weights
 * ``autotune``                           config spaces, M buckets, pruner, persistent winner cache, and
                                          ``run_kernel``, through which every launch goes (CUDA device guard)
+* ``cpu_lowbit.linear_4bit``, ``cpu_lowbit.linear_affine``, ``cpu_lowbit.decode_4bit``
+                                         the CPU kernels (``cpu_lowbit.cpp``): fused low-bit linears at
+                                         decode sizes, the exact 4-bit decode; ``cpu_build`` compiles them
+                                         at first use (None, and the torch reference, without a compiler)
 
 Triton decides at decoration time whether kernels run in its CPU interpreter, so ``TRITON_INTERPRET=1``
 must be set before these modules are imported; the entry points raise a ValueError naming the problem
