@@ -547,54 +547,83 @@ inline uint32_t affine_value(const int32_t* words, int64_t stride, int bits, int
     return v & ((1u << bits) - 1u);
 }
 
-// Zeros and scales of output features [n0, n0 + cols) for every group, as float32: dst_zero[g * 16 + j].
-void affine_tables(const Affine& a, int64_t n0, int cols, float* zero, float* scale) {
+// Zeros and scales of output features [block0, block_end) for every group, as float32 rows of `padded` floats
+// (plain C++: the AVX-512 build has a vectorized twin, affine_block_tables).
+template <int BITS>
+void affine_block_tables_generic(const Affine& a, int64_t block0, int64_t block_end, int64_t padded, float* zero,
+                                 float* scale) {
+    const int64_t words_per_row = (a.n * BITS + 31) / 32;
     for (int64_t g = 0; g < a.groups; ++g) {
-        for (int j = 0; j < 16; ++j) {
-            const int64_t n = n0 + j;
-            if (j >= cols) {
-                zero[g * 16 + j] = 0.0f;
-                scale[g * 16 + j] = 0.0f;
+        for (int64_t j = 0; j < padded; ++j) {
+            const int64_t n = block0 + j;
+            if (n >= block_end) {
+                zero[g * padded + j] = scale[g * padded + j] = 0.0f;
                 continue;
             }
-            scale[g * 16 + j] = f16_float(a.scales[g * a.n + n]);
-            if (a.qzeros != nullptr) {
-                const int64_t words_per_row = (a.n * a.bits + 31) / 32;
-                zero[g * 16 + j] = static_cast<float>(affine_value(a.qzeros + g * words_per_row, 1, a.bits, n, 0) + 1);
-            } else {
-                zero[g * 16 + j] = f16_float(a.zeros[g * a.n + n]);
-            }
+            scale[g * padded + j] = f16_float(a.scales[g * a.n + n]);
+            zero[g * padded + j] = a.qzeros != nullptr
+                ? static_cast<float>(affine_value(a.qzeros + g * words_per_row, 1, BITS, n, 0) + 1)
+                : f16_float(a.zeros[g * a.n + n]);
         }
     }
 }
 
-void affine_generic(const Affine& a, const float* x, int64_t m, float* out, int threads) {
-    const int64_t tiles = (a.n + 15) / 16;
-#pragma omp parallel num_threads(threads)
-    {
-        float* zero = static_cast<float*>(std::malloc(sizeof(float) * 16 * a.groups));
-        float* scale = static_cast<float*>(std::malloc(sizeof(float) * 16 * a.groups));
-        float* acc = static_cast<float*>(std::malloc(sizeof(float) * 16 * m + 4));
-#pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-            const int64_t n0 = tile * 16;
-            const int cols = static_cast<int>(std::min<int64_t>(16, a.n - n0));
-            affine_tables(a, n0, cols, zero, scale);
-            for (int64_t i = 0; i < 16 * m; ++i) acc[i] = 0.0f;
-            for (int64_t kk = 0; kk < a.k; ++kk) {
-                const int64_t g = a.g_idx[kk];
-                for (int j = 0; j < cols; ++j) {
-                    const float q = static_cast<float>(affine_value(a.qweight, a.n, a.bits, kk, n0 + j));
-                    const float w = (q - zero[g * 16 + j]) * scale[g * 16 + j];
-                    for (int64_t r = 0; r < m; ++r) acc[r * 16 + j] += x[r * a.k + kk] * w;
+// The portable fused kernel: each thread owns a block of output features and streams qweight's rows across
+// it (as the AVX-512 kernel does); the inner loops run over contiguous features, for the compiler to
+// vectorize (AVX2 here).
+template <int BITS>
+void affine_generic_block(const Affine& a, int64_t block0, int64_t block_end, const float* x, int64_t m,
+                          float* out) {
+    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
+    constexpr int kWords = BITS == 3 ? 3 : 1;
+    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    const int64_t cols = block_end - block0;
+    float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    float* acc = static_cast<float*>(std::calloc(m * cols + 1, sizeof(float)));
+    affine_block_tables_generic<BITS>(a, block0, block_end, cols, zero, scale);
+    const int64_t runs = (a.k + kRun - 1) / kRun;
+    for (int64_t run = 0; run < runs; ++run) {
+        const int64_t k0 = run * kRun;
+        const int values = static_cast<int>(std::min<int64_t>(kRun, a.k - k0));
+        const uint32_t* words[kWords];
+        for (int w = 0; w < kWords; ++w)
+            words[w] = reinterpret_cast<const uint32_t*>(a.qweight + (run * kWords + w) * a.n + block0);
+        for (int i = 0; i < values; ++i) {
+            const int bit = i * BITS;
+            const int word = bit / 32, shift = bit % 32;
+            const bool straddles = shift + BITS > 32;
+            const int64_t g = a.g_idx[k0 + i];
+            const float* zg = zero + g * cols;
+            const float* sg = scale + g * cols;
+            for (int64_t r = 0; r < m; ++r) {
+                const float xk = x[r * a.k + k0 + i];
+                float* accr = acc + r * cols;
+                for (int64_t j = 0; j < cols; ++j) {
+                    uint32_t v = words[word][j] >> shift;
+                    if (straddles) v |= words[word + 1][j] << (32 - shift);
+                    accr[j] += xk * ((static_cast<float>(v & kMask) - zg[j]) * sg[j]);
                 }
             }
-            for (int64_t r = 0; r < m; ++r)
-                for (int j = 0; j < cols; ++j) out[r * a.n + n0 + j] = acc[r * 16 + j];
         }
-        std::free(zero);
-        std::free(scale);
-        std::free(acc);
+    }
+    for (int64_t r = 0; r < m; ++r) std::memcpy(out + r * a.n + block0, acc + r * cols, sizeof(float) * cols);
+    std::free(zero);
+    std::free(scale);
+    std::free(acc);
+}
+
+void affine_generic(const Affine& a, const float* x, int64_t m, float* out, int threads) {
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(threads, (a.n + 15) / 16));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t block0 = a.n * b / blocks, block_end = a.n * (b + 1) / blocks;
+        switch (a.bits) {
+            case 2: affine_generic_block<2>(a, block0, block_end, x, m, out); break;
+            case 3: affine_generic_block<3>(a, block0, block_end, x, m, out); break;
+            case 4: affine_generic_block<4>(a, block0, block_end, x, m, out); break;
+            default: affine_generic_block<8>(a, block0, block_end, x, m, out); break;
+        }
     }
 }
 
