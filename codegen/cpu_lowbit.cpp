@@ -755,6 +755,46 @@ bool affine_fast(const Affine& a, const float* x, int64_t m, float* out, int thr
 bool affine_fast(const Affine&, const float*, int64_t, float*, int) { return false; }
 #endif
 
+// W^T for output features [n0, n1): out[k, j] = W[n0 + j, k] (times input_scale[k] when given), in
+// float32 as the reference computes it, rounded to out_dtype; out's rows are out_stride elements apart.
+template <int BITS>
+void affine_decode_block(const Affine& a, const float* input_scale, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                         void* out, int64_t out_stride, int out_dtype) {
+    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
+    constexpr int kWords = BITS == 3 ? 3 : 1;
+    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    const int64_t cols = n1 - n0;
+    float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    float* row = static_cast<float*>(std::malloc(sizeof(float) * (cols + 1)));
+    affine_block_tables_generic<BITS>(a, n0, n1, cols, zero, scale);
+    for (int64_t kk = k0; kk < k1; ++kk) {
+        const int64_t run = kk / kRun;
+        const int bit = static_cast<int>(kk % kRun) * BITS;
+        const int word = bit / 32, shift = bit % 32;
+        const bool straddles = shift + BITS > 32;
+        const uint32_t* lo = reinterpret_cast<const uint32_t*>(a.qweight + (run * kWords + word) * a.n + n0);
+        const uint32_t* hi = straddles ? reinterpret_cast<const uint32_t*>(a.qweight + (run * kWords + word + 1) * a.n + n0)
+                                       : lo;
+        const int64_t g = a.g_idx[kk];
+        const float* zg = zero + g * cols;
+        const float* sg = scale + g * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+            uint32_t v = lo[j] >> shift;
+            if (straddles) v |= hi[j] << (32 - shift);
+            row[j] = (static_cast<float>(v & kMask) - zg[j]) * sg[j];
+        }
+        if (input_scale != nullptr)
+            for (int64_t j = 0; j < cols; ++j) row[j] = row[j] * input_scale[kk];
+        char* dst = static_cast<char*>(out) + (kk - k0) * out_stride * (out_dtype == F32 ? 4 : 2);
+        if (out_dtype == F32) std::memcpy(dst, row, sizeof(float) * cols);
+        else for (int64_t j = 0; j < cols; ++j) store(dst, j, row[j], out_dtype);
+    }
+    std::free(zero);
+    std::free(scale);
+    std::free(row);
+}
+
 }  // namespace
 
 extern "C" {
@@ -812,6 +852,34 @@ int qc_affine_linear(const float* x, int64_t m, const int32_t* qweight, const in
         if (g_idx[i] < 0 || g_idx[i] >= groups) return 4;
     const Affine a{qweight, qzeros, zeros, scales, g_idx, bits, groups, n, k};
     if (!affine_fast(a, x, m, out, threads)) affine_generic(a, x, m, out, threads);
+    return 0;
+}
+
+// Rows [k0, k1) of W^T restricted to output features [n0, n1) into out ([k1 - k0, n1 - n0], row stride
+// out_stride, dtype out_dtype): bit for bit decode_affine(...)[n0:n1, k0:k1].t(). Returns 0 on success.
+int qc_affine_decode(const int32_t* qweight, const int32_t* qzeros, const uint16_t* zeros, const uint16_t* scales,
+                     const int32_t* g_idx, const float* input_scale, int bits, int64_t groups, int64_t n, int64_t k,
+                     int64_t n0, int64_t n1, void* out, int64_t out_stride, int out_dtype, int threads) {
+    if (groups <= 0 || n0 < 0 || n1 > n || n0 > n1) return 1;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
+    if ((qzeros == nullptr) == (zeros == nullptr)) return 3;
+    if (out_dtype != F32 && out_dtype != BF16 && out_dtype != F16) return 5;
+    for (int64_t i = 0; i < k; ++i)
+        if (g_idx[i] < 0 || g_idx[i] >= groups) return 4;
+    const Affine a{qweight, qzeros, zeros, scales, g_idx, bits, groups, n, k};
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, k / 32));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < parts; ++p) {
+        // Whole 32-feature runs per part, so no part splits a 3-bit run's words.
+        const int64_t k0 = std::min(k, (k / 32) * p / parts * 32), k1 = p == parts - 1 ? k : (k / 32) * (p + 1) / parts * 32;
+        char* dst = static_cast<char*>(out) + k0 * out_stride * (out_dtype == F32 ? 4 : 2);
+        switch (bits) {
+            case 2: affine_decode_block<2>(a, input_scale, n0, n1, k0, k1, dst, out_stride, out_dtype); break;
+            case 3: affine_decode_block<3>(a, input_scale, n0, n1, k0, k1, dst, out_stride, out_dtype); break;
+            case 4: affine_decode_block<4>(a, input_scale, n0, n1, k0, k1, dst, out_stride, out_dtype); break;
+            default: affine_decode_block<8>(a, input_scale, n0, n1, k0, k1, dst, out_stride, out_dtype); break;
+        }
+    }
     return 0;
 }
 

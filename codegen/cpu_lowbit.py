@@ -6,8 +6,8 @@
   4 bits. Above it, bands of rows are decoded by the C++ decoder into a reused buffer, and each band is
   multiplied by torch's matmul (oneDNN / MKL, AMX where present).
 * :func:`linear_affine` computes it for an affine group-wise integer W in GPTQ's layout (``affine``, ``gptq``,
-  ``awq``, ``hqq``): up to AFFINE_FUSED_MAX_ROWS rows of x a fused kernel over 16 output features at a time
-  (W in float32, never written); above, None (the torch reference).
+  ``awq``, ``hqq``): up to AFFINE_FUSED_MAX_ROWS rows of x a fused kernel (W in float32, never written);
+  above, bands of output features decoded in C++ (bit-exact) and multiplied by torch's matmul.
 * :func:`decode_4bit` fills a float tensor with a window of rows x columns of W, bit for bit the torch
   reference's values.
 
@@ -34,9 +34,10 @@ FUSED_MAX_ROWS = 8
 BAND_ELEMENTS = 1 << 22
 MIN_BAND_ROWS = 64
 
-# The affine kernel decodes per 16 weights and row tile of x (no table lookup to share): up to this many
-# rows of x it beats the reference's decode + matmul (measured: see linear_affine).
-AFFINE_FUSED_MAX_ROWS = 16
+# The affine fused kernel decodes every weight again for each tile of rows of x; decode + matmul decodes once.
+# Measured (2 threads, 4096x4096 int4 g128, bf16, ms, fused / decode + matmul): M=8 3.0 / ~5.5,
+# M=16 7.5 / 5.6; the torch reference took 236 ms at M=17.
+AFFINE_FUSED_MAX_ROWS = 8
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -60,6 +61,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qc_lowbit4_linear.restype = _i32
     lib.qc_affine_linear.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _p, _i32]
     lib.qc_affine_linear.restype = _i32
+    lib.qc_affine_decode.argtypes = [_p, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i32, _i32]
+    lib.qc_affine_decode.restype = _i32
     return lib
 
 
@@ -177,15 +180,16 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
                   scales: torch.Tensor, g_idx: torch.Tensor, input_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, bits: int, out_features: int, in_features: int,
                   compute_dtype: torch.dtype, library: ctypes.CDLL | None = None) -> torch.Tensor | None:
-    """``qcompile::linear_affine`` on CPU, fused, for up to AFFINE_FUSED_MAX_ROWS rows of x: x rounded to
+    """``qcompile::linear_affine`` on CPU. Up to AFFINE_FUSED_MAX_ROWS rows of x, fused: x rounded to
     ``compute_dtype`` (and multiplied by ``input_scale``, AWQ's), W's values in float32 (the reference rounds
     them to ``compute_dtype``), float32 sums, the result rounded to ``compute_dtype`` and returned in
-    ``x.dtype``. None: not taken (more rows, no library, a layout it does not read)."""
+    ``x.dtype``. Above, decode + matmul with the reference's weights. None: not taken (no library, a layout
+    it does not read)."""
     lib = library or _library()
     if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
         return None
     m = x.numel() // in_features if in_features else 0
-    if m > AFFINE_FUSED_MAX_ROWS or not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
+    if not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
         return None
     if qzeros is not None:
         zero_ok = qzeros.dtype == torch.int32
@@ -194,6 +198,9 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     if (qweight.dtype != torch.int32 or scales.dtype != torch.float16 or g_idx.dtype != torch.int32 or not zero_ok
             or scales.dim() != 2 or scales.shape[1] != out_features or g_idx.numel() != in_features):
         return None
+    if m > AFFINE_FUSED_MAX_ROWS:
+        return _affine_banded(lib, x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features,
+                              in_features, compute_dtype)
     x_c = x.reshape(-1, in_features).to(compute_dtype).float()
     if input_scale is not None:
         x_c = x_c * input_scale.float()
@@ -207,3 +214,29 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     if bias is not None:
         out += bias.to(compute_dtype).float()
     return out.to(compute_dtype).to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def _affine_banded(lib, x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features, in_features,
+                   compute_dtype):
+    """Above the fused rows: W^T decoded a band of output features at a time (the reference's values, bit
+    for bit), each band multiplied by torch's matmul."""
+    x_c = x.reshape(-1, in_features).to(compute_dtype)
+    scale_in = None if input_scale is None else input_scale.float().contiguous()
+    cols = max(64, BAND_ELEMENTS // max(in_features, 1) // 64 * 64)
+    band = torch.empty((in_features, min(cols, out_features)), dtype=compute_dtype)
+    out = torch.empty((x_c.shape[0], out_features), dtype=compute_dtype)
+    bias_c = None if bias is None else bias.to(compute_dtype)
+    for start in range(0, out_features, cols):
+        stop = min(start + cols, out_features)
+        weight_t = band[:, : stop - start]
+        status = lib.qc_affine_decode(qweight.data_ptr(), _ptr(qzeros), _ptr(zeros), scales.data_ptr(),
+                                      g_idx.data_ptr(), _ptr(scale_in), bits, scales.shape[0], out_features,
+                                      in_features, start, stop, weight_t.data_ptr(), band.stride(0),
+                                      _DTYPE_CODES[compute_dtype], torch.get_num_threads())
+        if status != 0:
+            return None
+        part = x_c @ weight_t
+        if bias_c is not None:
+            part += bias_c[start:stop]
+        out[:, start:stop] = part
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)

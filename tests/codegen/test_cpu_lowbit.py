@@ -216,7 +216,7 @@ def test_affine_linear_matches_reference(library, spec, compute_dtype, variant):
     n, k = (96 if spec["bits"] == 3 else 80), 256
     scheme, args = _affine(spec, n, k, compute_dtype, variant == "act_order", variant == "awq")
     weight = decode_affine(*args[:5], scheme.bits, n, dtype=torch.float32, input_scale=args[5])
-    for lead in ((0,), (1,), (3,), (2, 5)):
+    for lead in ((0,), (1,), (3,), (2, 5), (17,), (40,)):  # 17, 40: above the fused rows, decode + matmul
         x = torch.randn(*lead, k).to(compute_dtype)
         bias = torch.randn(n)
         ref = linear_affine_reference(x, *args, bias, scheme.bits, n, k, compute_dtype)
@@ -228,11 +228,27 @@ def test_affine_linear_matches_reference(library, spec, compute_dtype, variant):
         assert ((got.float() - ref.float()).abs() <= tolerance).all()
 
 
-def test_affine_above_the_fused_rows_is_left_to_the_reference():
-    scheme, args = _affine(AFFINE_SPECS[0], 32, 128, torch.float32)
-    x = torch.randn(cpu_lowbit.AFFINE_FUSED_MAX_ROWS + 1, 128)
-    assert cpu_lowbit.linear_affine(x, *args, None, scheme.bits, 32, 128, torch.float32) is None
-    assert cpu_lowbit.linear_affine(x[:1], *args, None, scheme.bits, 32, 128, torch.float32) is not None
+@pytest.mark.parametrize("variant", ["plain", "act_order", "awq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("spec", AFFINE_SPECS, ids=lambda s: f"{s['type']}{s['bits']}g{s['group_size']}")
+def test_affine_decode_is_bit_exact(library, spec, dtype, variant):
+    from qcompile.formats.packed_affine import decode_affine
+
+    n, k = (96 if spec["bits"] == 3 else 80), 256
+    scheme, args = _affine(spec, n, k, dtype, variant == "act_order", variant == "awq")
+    expected = decode_affine(*args[:5], scheme.bits, n, dtype=dtype, input_scale=args[5]).t()  # [k, n]
+    qweight, qzeros, zeros, scales, g_idx, input_scale = args
+    lib = cpu_lowbit.declare(library)
+    buffer = torch.zeros((k, 40), dtype=dtype)  # a window of 24 features into a wider buffer
+    window = buffer[:, :24]
+    status = lib.qc_affine_decode(qweight.data_ptr(), cpu_lowbit._ptr(qzeros), cpu_lowbit._ptr(zeros),
+                                  scales.data_ptr(), g_idx.data_ptr(),
+                                  cpu_lowbit._ptr(None if input_scale is None else input_scale.float()),
+                                  scheme.bits, scales.shape[0], n, k, 16, 40, window.data_ptr(), buffer.stride(0),
+                                  cpu_lowbit._DTYPE_CODES[dtype], 2)
+    assert status == 0
+    assert torch.equal(window, expected[:, 16:40])
+    assert torch.count_nonzero(buffer[:, 24:]) == 0
 
 
 def test_affine_op_auto_runs_the_cpu_kernel(monkeypatch):
