@@ -548,12 +548,13 @@ inline uint32_t affine_value(const int32_t* words, int64_t stride, int bits, int
 }
 
 // Zeros and scales of output features [block0, block_end) for every group, as float32 rows of `padded` floats
-// (plain C++: the AVX-512 build has a vectorized twin, affine_block_tables).
+// (zeros past block_end). BITS is constant, so a packed zero's field is found with shifts.
 template <int BITS>
-void affine_block_tables_generic(const Affine& a, int64_t block0, int64_t block_end, int64_t padded, float* zero,
-                                 float* scale) {
+void affine_block_tables(const Affine& a, int64_t block0, int64_t block_end, int64_t padded, float* zero,
+                         float* scale) {
     const int64_t words_per_row = (a.n * BITS + 31) / 32;
     for (int64_t g = 0; g < a.groups; ++g) {
+        const int32_t* words = a.qzeros == nullptr ? nullptr : a.qzeros + g * words_per_row;
         for (int64_t j = 0; j < padded; ++j) {
             const int64_t n = block0 + j;
             if (n >= block_end) {
@@ -561,9 +562,14 @@ void affine_block_tables_generic(const Affine& a, int64_t block0, int64_t block_
                 continue;
             }
             scale[g * padded + j] = f16_float(a.scales[g * a.n + n]);
-            zero[g * padded + j] = a.qzeros != nullptr
-                ? static_cast<float>(affine_value(a.qzeros + g * words_per_row, 1, BITS, n, 0) + 1)
-                : f16_float(a.zeros[g * a.n + n]);
+            if (words == nullptr) {
+                zero[g * padded + j] = f16_float(a.zeros[g * a.n + n]);
+                continue;
+            }
+            const uint32_t v = BITS == 3
+                ? affine_value(words, 1, 3, n, 0)
+                : (static_cast<uint32_t>(words[n / (32 / BITS)]) >> ((n % (32 / BITS)) * BITS)) & ((1u << BITS) - 1u);
+            zero[g * padded + j] = static_cast<float>(v + 1);
         }
     }
 }
@@ -581,7 +587,7 @@ void affine_generic_block(const Affine& a, int64_t block0, int64_t block_end, co
     float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
     float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
     float* acc = static_cast<float*>(std::calloc(m * cols + 1, sizeof(float)));
-    affine_block_tables_generic<BITS>(a, block0, block_end, cols, zero, scale);
+    affine_block_tables<BITS>(a, block0, block_end, cols, zero, scale);
     const int64_t runs = (a.k + kRun - 1) / kRun;
     for (int64_t run = 0; run < runs; ++run) {
         const int64_t k0 = run * kRun;
@@ -683,41 +689,6 @@ void affine_block(const Affine& a, int64_t block0, int64_t block_cols, const flo
     }
 }
 
-// Zeros and scales of features [block0, block_end) for every group, as float32 rows of `padded` floats.
-template <int BITS>
-void affine_block_tables(const Affine& a, int64_t block0, int64_t block_end, int64_t padded, float* zero,
-                         float* scale) {
-    const int64_t cols = block_end - block0;
-    const int64_t words_per_row = (a.n * BITS + 31) / 32;
-    for (int64_t g = 0; g < a.groups; ++g) {
-        float* zrow = zero + g * padded;
-        float* srow = scale + g * padded;
-        for (int64_t j = 0; j < padded; j += 16) {
-            const int count = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, cols - j)));
-            const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
-            const __m256i halves = _mm256_maskz_loadu_epi16(lanes, a.scales + g * a.n + block0 + j);
-            _mm512_storeu_ps(srow + j, _mm512_cvtph_ps(halves));
-            if (a.zeros != nullptr) {
-                const __m256i zh = _mm256_maskz_loadu_epi16(lanes, a.zeros + g * a.n + block0 + j);
-                _mm512_storeu_ps(zrow + j, _mm512_cvtph_ps(zh));
-            }
-        }
-        if (a.qzeros == nullptr) continue;
-        const int32_t* words = a.qzeros + g * words_per_row;
-        for (int64_t j = 0; j < cols; ++j) {
-            const int64_t n = block0 + j;
-            uint32_t v;
-            if (BITS == 3) {
-                v = affine_value(words, 1, 3, n, 0);
-            } else {
-                v = (static_cast<uint32_t>(words[n / (32 / BITS)]) >> ((n % (32 / BITS)) * BITS)) & ((1u << BITS) - 1u);
-            }
-            zrow[j] = static_cast<float>(v + 1);
-        }
-        for (int64_t j = cols; j < padded; ++j) zrow[j] = 0.0f;
-    }
-}
-
 bool affine_fast(const Affine& a, const float* x, int64_t m, float* out, int threads) {
     // Blocks of whole 16-feature tiles, one per thread at most (a block's tables: groups x block floats).
     const int64_t tiles = (a.n + 15) / 16;
@@ -767,7 +738,7 @@ void affine_decode_block(const Affine& a, const float* input_scale, int64_t n0, 
     float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
     float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
     float* row = static_cast<float*>(std::malloc(sizeof(float) * (cols + 1)));
-    affine_block_tables_generic<BITS>(a, n0, n1, cols, zero, scale);
+    affine_block_tables<BITS>(a, n0, n1, cols, zero, scale);
     for (int64_t kk = k0; kk < k1; ++kk) {
         const int64_t run = kk / kRun;
         const int bit = static_cast<int>(kk % kRun) * BITS;
