@@ -85,6 +85,15 @@ def _takes(tensors: tuple[torch.Tensor | None, ...]) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
 
 
+def _linear_library(library: ctypes.CDLL | None, x: torch.Tensor, compute_dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The library a linear runs with (``library``, else this machine's), or None when there is none or x and
+    the compute dtype are not what the kernels take (CPU; float32, bfloat16, float16)."""
+    lib = library or _library()
+    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+        return None
+    return lib
+
+
 def _weight_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize):
     return (_ptr(packed), _ptr(absmax), _ptr(nested_absmax), _ptr(nested_code), float(nested_offset), _ptr(code),
             blocksize)
@@ -134,8 +143,8 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     in the fused bf16 path on CPUs with AVX512_BF16, which rounds the code to bf16 before scaling it by the
     absmax: the same size of rounding error per weight, not the same bits. None: not taken.
     ``library`` as for :func:`decode_4bit`."""
-    lib = library or _library()
-    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+    lib = _linear_library(library, x, compute_dtype)
+    if lib is None:
         return None
     if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and _weight_ok(packed, absmax, code,
                                                                                      nested_absmax, nested_code)):
@@ -185,8 +194,8 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     them to ``compute_dtype``), float32 sums, the result rounded to ``compute_dtype`` and returned in
     ``x.dtype``. Above, decode + matmul with the reference's weights. None: not taken (no library, a layout
     it does not read)."""
-    lib = library or _library()
-    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+    lib = _linear_library(library, x, compute_dtype)
+    if lib is None:
         return None
     m = x.numel() // in_features if in_features else 0
     if not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
