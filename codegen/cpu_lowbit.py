@@ -139,9 +139,9 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
                 compute_dtype: torch.dtype, library: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """``qcompile::linear_4bit`` on CPU: x is rounded to ``compute_dtype``, products are summed in float32 (in
     another order than the reference's matmul), and the result is rounded to ``compute_dtype`` and returned in
-    ``x.dtype``. The weights are the reference's values (``code * absmax`` rounded to ``compute_dtype``), except
-    in the fused bf16 path on CPUs with AVX512_BF16, which rounds the code to bf16 before scaling it by the
-    absmax: the same size of rounding error per weight, not the same bits. None: not taken.
+    ``x.dtype``. Above FUSED_MAX_ROWS the weights are the reference's values (``code * absmax`` rounded to
+    ``compute_dtype``); the fused kernel rounds the code to ``compute_dtype`` before scaling it by the absmax:
+    the same size of rounding error per weight, not the same bits. None: not taken.
     ``library`` as for :func:`decode_4bit`."""
     lib = _linear_library(library, x, compute_dtype)
     if lib is None:
@@ -165,23 +165,26 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
         rows = _band_rows(in_features)
         band = torch.empty((min(rows, out_features), in_features), dtype=compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
-        if rows >= out_features:  # one band: no output buffer to copy it into (QLoRA's peak memory counts it)
-            weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
-                                 (out_features, in_features), (0, out_features), (0, in_features), band, lib)
-            if weight is None:
-                return None
-            out = torch.nn.functional.linear(x_c, weight, bias_c)
-            del weight, band
-            return out.to(x.dtype).view(*x.shape[:-1], out_features)
-        out = torch.empty((m, out_features), dtype=compute_dtype)
-        for start in range(0, out_features, rows):
-            stop = min(start + rows, out_features)
+
+        def band_product(start: int, stop: int) -> torch.Tensor | None:
             weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
                                  (out_features, in_features), (start, stop), (0, in_features), band[: stop - start],
                                  lib)
-            if weight is None:
+            return None if weight is None else torch.nn.functional.linear(
+                x_c, weight, None if bias_c is None else bias_c[start:stop])
+
+        if rows >= out_features:  # one band: its product is the output (no buffer to copy it into: QLoRA's peak)
+            out = band_product(0, out_features)
+            if out is None:
                 return None
-            out[:, start:stop] = torch.nn.functional.linear(x_c, weight, None if bias_c is None else bias_c[start:stop])
+        else:
+            out = torch.empty((m, out_features), dtype=compute_dtype)
+            for start in range(0, out_features, rows):
+                stop = min(start + rows, out_features)
+                part = band_product(start, stop)
+                if part is None:
+                    return None
+                out[:, start:stop] = part
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
