@@ -88,11 +88,11 @@ def build_library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL |
     if compiler is None:
         log.warning("qcompile: no C++ compiler found (set CXX); CPU ops run the slower torch reference")
         return None
-    text = source.read_bytes()
+    machine = b"\0".join([source.read_bytes(), _version(compiler).encode(), _cpu_features().encode(),
+                           platform.machine().encode()])
     errors = []
     for flags in ((*FLAGS, *OPENMP, *extra_flags), (*FLAGS, *extra_flags)):  # without OpenMP: one thread
-        key = hashlib.sha256(b"\0".join([text, _version(compiler).encode(), " ".join(flags).encode(),
-                                         _cpu_features().encode(), platform.machine().encode()])).hexdigest()[:20]
+        key = hashlib.sha256(machine + b"\0" + " ".join(flags).encode()).hexdigest()[:20]
         target = cache_dir() / "cpu" / f"{name}-{key}.so"
         if not target.exists():
             error = _build(source, compiler, flags, target)
