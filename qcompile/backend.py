@@ -13,6 +13,7 @@ work in an interpreter that never imported qcompile.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,12 @@ from torch import fx, nn
 from torch._dynamo.exc import ShortenTraceback
 
 from qcompile import config as config_module
+from qcompile.checkpoint_regions import (
+    CPU_REGION_PATCHES,
+    checkpoint_regions_compilable,
+    compile_checkpoint_regions,
+    has_activation_checkpoint,
+)
 from qcompile.config import QuantConfig
 from qcompile.decisions import config_key, record
 from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, note_compiled_frame, strip_expect_quantized
@@ -336,29 +343,25 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Back
     if callable(opts.inner):
         return opts.inner(gm, example_inputs)
     if opts.inner == "eager":
-        return gm.forward
+        return gm.forward  # a checkpointed region runs as an eager checkpoint of its body
     from torch._inductor.compile_fx import compile_fx
 
     config_patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
     if torch.is_grad_enabled() and has_activation_checkpoint(gm):
+        # CUDA graphs need the whole graph; selective checkpointing needs its regions traced whole.
+        if not config_patches.get("triton.cudagraphs") and checkpoint_regions_compilable(gm):
+            on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+            region_patches = {**config_patches, **(CPU_REGION_PATCHES if on_cpu else {})}
+            return compile_checkpoint_regions(gm, functools.partial(compile_fx, config_patches=region_patches or None))
         config_patches.update(CHECKPOINT_PATCHES)
     return compile_fx(gm, example_inputs, config_patches=config_patches or None)
 
 
-# Inductor options for a training graph with activation checkpointing (QLoRA's usual setup). Its backward
-# recomputes and differentiates every checkpointed layer in one graph; inductor's buffer reuse keeps each
-# freed buffer allocated until a later buffer of the same size takes it, so one layer's freed MLP-sized
-# buffers stay held through the next layer's recomputation. Without reuse the peak tensor memory of
-# benchmarks/qlora.py (non-reentrant checkpointing) falls from 87.8 to 84.5 MiB; results are unchanged.
+# Inductor options for a training graph with activation checkpointing compiled whole (selective
+# checkpointing, CUDA graphs; other checkpointed graphs are compiled region by region,
+# qcompile/checkpoint_regions.py). Its backward recomputes and differentiates every checkpointed layer in
+# one graph; inductor's buffer reuse keeps each freed buffer allocated until a later buffer of the same
+# size takes it, so one layer's freed MLP-sized buffers stay held through the next layer's recomputation.
+# Without reuse the peak tensor memory of benchmarks/qlora.py compiled whole (non-reentrant
+# checkpointing) falls from 87.8 to 84.5 MiB; results are unchanged.
 CHECKPOINT_PATCHES = {"allow_buffer_reuse": False}
-
-
-def has_activation_checkpoint(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` holds a checkpointed region (dynamo's ``tag_activation_checkpoint``, which
-    ``torch.utils.checkpoint`` with ``use_reentrant=False`` becomes), in it or in a submodule it calls."""
-    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-    return hop is not None and any(
-        node.op == "call_function" and node.target is hop for module in gm.modules()
-        if isinstance(module, fx.GraphModule) for node in module.graph.nodes)
-
-
