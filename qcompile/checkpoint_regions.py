@@ -59,6 +59,26 @@ def checkpoint_regions_compilable(gm: fx.GraphModule) -> bool:
     return bool(nodes) and all("_checkpoint_context_fn" not in getattr(gm, n.args[0].target).meta for n in nodes)
 
 
+def _canonical(body: fx.GraphModule) -> fx.GraphModule:
+    """``body`` with nothing that tells one layer from another: its values renamed by position and its
+    ``quantized_linear`` calls without the weight's name (the op finds it from the parameter,
+    ``pack_cache.name_of``). The layers of a model then trace to one graph, which inductor compiles
+    once and finds in its cache for the others (the parameters' names were in dynamo's input names)."""
+    linear = torch.ops.qcompile.quantized_linear.default
+    inputs = 0
+    for index, node in enumerate(body.graph.nodes):
+        if node.op == "placeholder":
+            node.target = f"region_input_{inputs}"
+            node._rename(node.target)
+            inputs += 1
+        elif node.op != "output":
+            node._rename(f"region_value_{index}")  # dynamo numbered them across the whole model's trace
+        if node.op == "call_function" and node.target is linear:
+            node.args = (*node.args[:5], "", *node.args[6:])
+    body.recompile()
+    return body
+
+
 def _region(name: str, body: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
     def run(*args: Any) -> Any:
         return checkpoint(body, *args, use_reentrant=False, **kwargs)
@@ -73,7 +93,7 @@ def compile_checkpoint_regions(gm: fx.GraphModule, backend: Callable[..., Any]) 
     :func:`checkpoint_regions_compilable` is true."""
     for node in _region_nodes(gm):
         body_node = node.args[0]
-        compiled = torch.compile(getattr(gm, body_node.target), backend=backend)
+        compiled = torch.compile(_canonical(getattr(gm, body_node.target)), backend=backend)
         kwargs = {k: v for k, v in node.kwargs.items() if k in _PASSED_KWARGS}
         node.target = _region(body_node.target, compiled, kwargs)
         node.args = node.args[1:]

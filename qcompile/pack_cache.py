@@ -36,6 +36,20 @@ _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 # parameter here: (data_ptr, shape, stride, dtype, device) -> the parameter, weakly.
 _BY_DATA: dict[tuple, weakref.ref] = {}
 _LOCK = threading.Lock()
+# Parameter -> its qualified name, for the messages of ops whose graph carries no name (checkpointed region
+# bodies, which leave names out so that identical layers compile to one cached graph).
+_NAMES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def remember_name(parameter: torch.Tensor, name: str) -> None:
+    """Record ``name`` as ``parameter``'s name for :func:`name_of`."""
+    _NAMES[parameter] = name
+
+
+def name_of(weight: torch.Tensor) -> str:
+    """The name recorded for ``weight`` (or the parameter it aliases), else ``"weight"``."""
+    owner, _ = _entries(weight)
+    return _NAMES.get(owner) or _NAMES.get(weight) or "weight"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -84,7 +98,8 @@ def released_how(parameter: torch.Tensor) -> str | None:
 
 
 def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: str) -> PackedWeight:
-    """The packed form of ``weight`` (used as ``weight.T`` when ``transposed``), packing when missing or stale."""
+    """The packed form of ``weight`` (used as ``weight.T`` when ``transposed``), packing when missing or stale.
+    ``name`` is for messages; ``""``: the name recorded by :func:`remember_name`."""
     key = (scheme, transposed)
     owner, entries = _entries(weight)
     entry = entries.get(key) if entries is not None else None
@@ -95,6 +110,7 @@ def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: 
         entry = entries.get(key) if entries is not None else None
         if entry is not None and entry.stamp == _stamp(owner):
             return entry.packed
+        name = name or name_of(owner)
         if is_released(owner):
             raise ValueError(
                 f"{name}: its floating-point data was released (qcompile.quantize or release_weights=True), "

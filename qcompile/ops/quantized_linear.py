@@ -73,7 +73,8 @@ def quantized_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` the packed form of ``weight`` (``weight.T`` when ``transposed``)
     under ``scheme`` (see :func:`scheme_key`; ``""``: float); ``name`` is the parameter's name, for errors
-    and logs. ``config`` (a :func:`qcompile.decisions.config_key`) makes the weight's own recorded decision win
+    and logs (``""``: the name the backend recorded for it, ``pack_cache.remember_name``). ``config`` (a
+    :func:`qcompile.decisions.config_key`) makes the weight's own recorded decision win
     over ``scheme``: float, or another scheme. The output has ``x``'s dtype."""
     own = own_scheme(weight, scheme, config)
     if own is None:
@@ -88,7 +89,8 @@ def quantized_linear(
 def _(x, weight, bias, scheme, transposed, name, kernels, config=""):
     check_kernels(kernels)
     out_features, in_features = _features(weight, transposed)
-    torch._check(x.shape[-1] == in_features, lambda: f"{name}: x's last dimension does not match {in_features}")
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"{name or 'weight'}: x's last dimension does not match {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 

@@ -44,8 +44,9 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _compile_fx_calls(monkeypatch) -> list[tuple[bool, dict | None]]:
-    """(whether the graph holds a checkpointed region, its config patches) of every compile_fx call."""
+def _compile_fx_calls(monkeypatch, codes: list[str] | None = None) -> list[tuple[bool, dict | None]]:
+    """(whether the graph holds a checkpointed region, its config patches) of every compile_fx call; each graph's
+    code is appended to ``codes`` when given."""
     import torch._inductor.compile_fx as compile_fx_module
 
     seen: list[tuple[bool, dict | None]] = []
@@ -55,6 +56,8 @@ def _compile_fx_calls(monkeypatch) -> list[tuple[bool, dict | None]]:
     def spy(gm, example_inputs, config_patches=None, **kwargs):
         if not depth:  # compile_fx calls itself (through this name) to apply config_patches
             seen.append((has_activation_checkpoint(gm), config_patches))
+            if codes is not None:
+                codes.append(gm.code)
         depth.append(1)
         try:
             return real(gm, example_inputs, config_patches=config_patches, **kwargs)
@@ -173,7 +176,8 @@ def test_real_models_train_with_gradient_checkpointing_as_the_quantized_referenc
     config = QuantConfig(default=NF4(compute_dtype=torch.float32), rules=heads)
     reference = dequantized_model(model, config)
     plans: list = []
-    seen = _compile_fx_calls(monkeypatch)
+    codes: list[str] = []
+    seen = _compile_fx_calls(monkeypatch, codes)
     compiled = torch.compile(model, backend="qcompile", options={"config": config, "on_plan": plans.append})
     for seq in (12, 9):
         ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq))
@@ -186,6 +190,23 @@ def test_real_models_train_with_gradient_checkpointing_as_the_quantized_referenc
         torch.testing.assert_close(embedding.grad, want_grad, rtol=1e-4, atol=1e-6)
         embedding.grad = reference.get_input_embeddings().weight.grad = None
     assert seen and not any(has_hop for has_hop, _ in seen)  # compiled region by region
+    # The two layers' regions trace to the same graph (no layer names in it): inductor compiles it once and
+    # finds it in its cache for the other layer.
+    layer_graphs = [c for c in codes if "quantized_linear" in c]
+    assert len(layer_graphs) >= 2 and layer_graphs[0] == layer_graphs[1]
     linears = {r.module for p in plans for r in p.rows}
     quantized = {r.module for p in plans for r in p.rows if r.quantized}
     assert quantized and quantized == {m for m in linears if "lm_head" not in m and not m.startswith("cls.")}
+
+
+def test_a_region_without_names_still_names_the_weight_in_errors():
+    # Region bodies call quantized_linear with name "": messages take the name the backend recorded.
+    from qcompile.pack_cache import name_of, packed_weight, remember_name
+
+    weight = torch.nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    assert name_of(weight) == "weight"
+    remember_name(weight, "model.layers.3.mlp.down_proj.weight")
+    assert name_of(weight) == "model.layers.3.mlp.down_proj.weight"
+    weight._qcompile_released = "released"  # as release_weights leaves it: it cannot be packed again
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.down_proj\.weight: its floating-point data"):
+        packed_weight(weight, NF4(), False, "")
