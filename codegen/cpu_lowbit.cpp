@@ -574,20 +574,44 @@ void affine_block_tables(const Affine& a, int64_t block0, int64_t block_end, int
     }
 }
 
+// qweight's packing for BITS: a run of kWords int32 words (1, or 3 for 3 bits) holds kRun values of a feature.
+template <int BITS>
+struct AffinePacking {
+    static constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
+    static constexpr int kWords = BITS == 3 ? 3 : 1;
+    static constexpr uint32_t kMask = (1u << BITS) - 1u;
+};
+
+// affine_block_tables' zeros and scales of one block of features, owned; `slack` floats past the end let
+// vector loads of the last row run over.
+template <int BITS>
+struct BlockTables {
+    float* zero;
+    float* scale;
+    BlockTables(const Affine& a, int64_t block0, int64_t block_end, int64_t padded, int64_t slack)
+        : zero(static_cast<float*>(std::malloc(sizeof(float) * (a.groups * padded + slack)))),
+          scale(static_cast<float*>(std::malloc(sizeof(float) * (a.groups * padded + slack)))) {
+        affine_block_tables<BITS>(a, block0, block_end, padded, zero, scale);
+    }
+    ~BlockTables() {
+        std::free(zero);
+        std::free(scale);
+    }
+    BlockTables(const BlockTables&) = delete;
+    BlockTables& operator=(const BlockTables&) = delete;
+};
+
 // The portable fused kernel: each thread owns a block of output features and streams qweight's rows across
 // it (as the AVX-512 kernel does); the inner loops run over contiguous features, for the compiler to
 // vectorize (AVX2 here).
 template <int BITS>
 void affine_generic_block(const Affine& a, int64_t block0, int64_t block_end, const float* x, int64_t m,
                           float* out) {
-    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
-    constexpr int kWords = BITS == 3 ? 3 : 1;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    constexpr int kRun = AffinePacking<BITS>::kRun, kWords = AffinePacking<BITS>::kWords;
+    constexpr uint32_t kMask = AffinePacking<BITS>::kMask;
     const int64_t cols = block_end - block0;
-    float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
-    float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    const BlockTables<BITS> tables(a, block0, block_end, cols, 1);
     float* acc = static_cast<float*>(std::calloc(m * cols + 1, sizeof(float)));
-    affine_block_tables<BITS>(a, block0, block_end, cols, zero, scale);
     const int64_t runs = (a.k + kRun - 1) / kRun;
     for (int64_t run = 0; run < runs; ++run) {
         const int64_t k0 = run * kRun;
@@ -600,8 +624,8 @@ void affine_generic_block(const Affine& a, int64_t block0, int64_t block_end, co
             const int word = bit / 32, shift = bit % 32;
             const bool straddles = shift + BITS > 32;
             const int64_t g = a.g_idx[k0 + i];
-            const float* zg = zero + g * cols;
-            const float* sg = scale + g * cols;
+            const float* zg = tables.zero + g * cols;
+            const float* sg = tables.scale + g * cols;
             for (int64_t r = 0; r < m; ++r) {
                 const float xk = x[r * a.k + k0 + i];
                 float* accr = acc + r * cols;
@@ -614,8 +638,6 @@ void affine_generic_block(const Affine& a, int64_t block0, int64_t block_end, co
         }
     }
     for (int64_t r = 0; r < m; ++r) std::memcpy(out + r * a.n + block0, acc + r * cols, sizeof(float) * cols);
-    std::free(zero);
-    std::free(scale);
     std::free(acc);
 }
 
@@ -642,10 +664,9 @@ void affine_generic(const Affine& a, const float* x, int64_t m, float* out, int 
 template <int BITS, int MT>
 void affine_run(const Affine& a, int64_t run, int64_t n0, int cols, int64_t block0, int64_t block_cols,
                 const float* zero, const float* scale, const float* x, int64_t m0, float* acc_rows) {
-    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
-    constexpr int kWords = BITS == 3 ? 3 : 1;
+    constexpr int kRun = AffinePacking<BITS>::kRun, kWords = AffinePacking<BITS>::kWords;
     const __mmask16 lanes = static_cast<__mmask16>((1u << cols) - 1u);
-    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+    const __m512i mask = _mm512_set1_epi32(AffinePacking<BITS>::kMask);
     __m512i words[kWords];
     for (int w = 0; w < kWords; ++w)
         words[w] = _mm512_maskz_loadu_epi32(lanes, a.qweight + (run * kWords + w) * a.n + n0);
@@ -670,9 +691,12 @@ void affine_run(const Affine& a, int64_t run, int64_t n0, int cols, int64_t bloc
 }
 
 template <int BITS>
-void affine_block(const Affine& a, int64_t block0, int64_t block_cols, const float* zero, const float* scale,
-                  const float* x, int64_t m, float* acc_rows) {
-    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
+void affine_block(const Affine& a, int64_t block0, int64_t block_end, int64_t block_cols, const float* x, int64_t m,
+                  float* acc_rows) {
+    constexpr int kRun = AffinePacking<BITS>::kRun;
+    const BlockTables<BITS> tables(a, block0, block_end, block_cols, 16);
+    const float* zero = tables.zero;
+    const float* scale = tables.scale;
     const int64_t runs = (a.k + kRun - 1) / kRun;
     for (int64_t run = 0; run < runs; ++run) {
         for (int64_t n0 = block0; n0 < block0 + block_cols; n0 += 16) {
@@ -699,25 +723,15 @@ bool affine_fast(const Affine& a, const float* x, int64_t m, float* out, int thr
         const int64_t block_end = std::min<int64_t>(a.n, (tiles * (b + 1) / blocks) * 16);
         const int64_t block_cols = block_end - block0;
         const int64_t padded = (block_cols + 15) / 16 * 16;
-        float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * padded + 16)));
-        float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * padded + 16)));
         float* acc_rows = static_cast<float*>(std::calloc(m * padded + 16, sizeof(float)));
         switch (a.bits) {
-            case 2: affine_block_tables<2>(a, block0, block_end, padded, zero, scale); break;
-            case 3: affine_block_tables<3>(a, block0, block_end, padded, zero, scale); break;
-            case 4: affine_block_tables<4>(a, block0, block_end, padded, zero, scale); break;
-            default: affine_block_tables<8>(a, block0, block_end, padded, zero, scale); break;
-        }
-        switch (a.bits) {
-            case 2: affine_block<2>(a, block0, padded, zero, scale, x, m, acc_rows); break;
-            case 3: affine_block<3>(a, block0, padded, zero, scale, x, m, acc_rows); break;
-            case 4: affine_block<4>(a, block0, padded, zero, scale, x, m, acc_rows); break;
-            default: affine_block<8>(a, block0, padded, zero, scale, x, m, acc_rows); break;
+            case 2: affine_block<2>(a, block0, block_end, padded, x, m, acc_rows); break;
+            case 3: affine_block<3>(a, block0, block_end, padded, x, m, acc_rows); break;
+            case 4: affine_block<4>(a, block0, block_end, padded, x, m, acc_rows); break;
+            default: affine_block<8>(a, block0, block_end, padded, x, m, acc_rows); break;
         }
         for (int64_t r = 0; r < m; ++r)
             std::memcpy(out + r * a.n + block0, acc_rows + r * padded, sizeof(float) * block_cols);
-        std::free(zero);
-        std::free(scale);
         std::free(acc_rows);
     }
     return true;
@@ -731,14 +745,11 @@ bool affine_fast(const Affine&, const float*, int64_t, float*, int) { return fal
 template <int BITS>
 void affine_decode_block(const Affine& a, const float* input_scale, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                          void* out, int64_t out_stride, int out_dtype) {
-    constexpr int kRun = BITS == 3 ? 32 : 32 / BITS;
-    constexpr int kWords = BITS == 3 ? 3 : 1;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    constexpr int kRun = AffinePacking<BITS>::kRun, kWords = AffinePacking<BITS>::kWords;
+    constexpr uint32_t kMask = AffinePacking<BITS>::kMask;
     const int64_t cols = n1 - n0;
-    float* zero = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
-    float* scale = static_cast<float*>(std::malloc(sizeof(float) * (a.groups * cols + 1)));
+    const BlockTables<BITS> tables(a, n0, n1, cols, 1);
     float* row = static_cast<float*>(std::malloc(sizeof(float) * (cols + 1)));
-    affine_block_tables<BITS>(a, n0, n1, cols, zero, scale);
     for (int64_t kk = k0; kk < k1; ++kk) {
         const int64_t run = kk / kRun;
         const int bit = static_cast<int>(kk % kRun) * BITS;
@@ -748,8 +759,8 @@ void affine_decode_block(const Affine& a, const float* input_scale, int64_t n0, 
         const uint32_t* hi = straddles ? reinterpret_cast<const uint32_t*>(a.qweight + (run * kWords + word + 1) * a.n + n0)
                                        : lo;
         const int64_t g = a.g_idx[kk];
-        const float* zg = zero + g * cols;
-        const float* sg = scale + g * cols;
+        const float* zg = tables.zero + g * cols;
+        const float* sg = tables.scale + g * cols;
         for (int64_t j = 0; j < cols; ++j) {
             uint32_t v = lo[j] >> shift;
             if (straddles) v |= hi[j] << (32 - shift);
@@ -761,8 +772,6 @@ void affine_decode_block(const Affine& a, const float* input_scale, int64_t n0, 
         if (out_dtype == F32) std::memcpy(dst, row, sizeof(float) * cols);
         else for (int64_t j = 0; j < cols; ++j) store(dst, j, row[j], out_dtype);
     }
-    std::free(zero);
-    std::free(scale);
     std::free(row);
 }
 
