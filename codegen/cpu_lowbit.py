@@ -82,14 +82,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _takes(tensors: tuple[torch.Tensor | None, ...]) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
+    # is_cpu, not device.type: this runs on every call, and building a device object costs more than the check.
+    return all(t is None or (t.is_cpu and t.is_contiguous()) for t in tensors)
 
 
 def _linear_library(library: ctypes.CDLL | None, x: torch.Tensor, compute_dtype: torch.dtype) -> ctypes.CDLL | None:
     """The library a linear runs with (``library``, else this machine's), or None when there is none or x and
     the compute dtype are not what the kernels take (CPU; float32, bfloat16, float16)."""
     lib = library or _library()
-    if lib is None or compute_dtype not in _DTYPE_CODES or x.device.type != "cpu" or x.dtype not in _DTYPE_CODES:
+    if lib is None or compute_dtype not in _DTYPE_CODES or not x.is_cpu or x.dtype not in _DTYPE_CODES:
         return None
     return lib
 
@@ -118,7 +119,7 @@ def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, 
     lib = library or _library()
     if lib is None or out.dtype not in _DTYPE_CODES or out.stride(-1) != 1 or out.dim() != 2:
         return None
-    if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and out.device.type == "cpu"):
+    if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and out.is_cpu):
         return None
     if not _weight_ok(packed, absmax, code, nested_absmax, nested_code):
         return None

@@ -31,6 +31,7 @@ class OpBinding:
 
 
 _BINDINGS: dict[type[Scheme], OpBinding] = {}
+_RESOLVED: dict[type[Scheme], OpBinding] = {}  # scheme type -> its binding, found through the MRO once
 
 
 def bind(scheme_types: type[Scheme] | tuple[type[Scheme], ...], op: Any, arguments: Callable[[Any], Arguments]) -> None:
@@ -41,14 +42,19 @@ def bind(scheme_types: type[Scheme] | tuple[type[Scheme], ...], op: Any, argumen
         if scheme_type in _BINDINGS:
             raise ValueError(f"scheme {scheme_type.__name__} is bound to an op twice")
         _BINDINGS[scheme_type] = OpBinding(overload, arguments)
+    _RESOLVED.clear()  # a type resolved to a base class's binding may now have its own
 
 
 def binding(scheme: Scheme) -> OpBinding:
     """The binding of ``scheme``'s type (or its nearest bound base class); ValueError when there is none."""
+    found = _RESOLVED.get(type(scheme))  # every quantized linear call asks: skip the import and the MRO walk
+    if found is not None:
+        return found
     import qcompile.ops  # noqa: F401  (the op files bind on import; kept out of `import qcompile`)
 
     for cls in type(scheme).__mro__:
         if cls in _BINDINGS:
+            _RESOLVED[type(scheme)] = _BINDINGS[cls]
             return _BINDINGS[cls]
     raise ValueError(f"scheme {scheme.kind!r}: no qcompile op runs it (no binding in qcompile/ops)")
 

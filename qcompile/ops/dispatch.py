@@ -42,7 +42,7 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
 def use_cpu_kernels(kernels: str, x: torch.Tensor) -> bool:
     """True for "auto" when ``x`` is on the CPU: try the C++ CPU kernels (``qcompile.codegen.cpu_*``), which
     return None where they cannot run (no compiler, an unsupported dtype), and then the torch reference runs."""
-    return kernels == "auto" and x.device.type == "cpu"
+    return kernels == "auto" and x.is_cpu
 
 
 def codegen_function(module: str, function: str) -> Callable[..., Any]:

@@ -23,6 +23,7 @@ from qcompile.decisions import UNDECIDED, decided
 from qcompile.formats import Scheme, scheme_from_dict
 from qcompile.ops.bindings import binding, op_arguments, op_body
 from qcompile.ops.dispatch import check_kernels
+from qcompile.ops.lean_op import define_lean_op
 from qcompile.pack_cache import packed_weight
 
 
@@ -42,6 +43,8 @@ def _features(weight: torch.Tensor, transposed: bool) -> tuple[int, int]:
     return (in_features, out_features) if transposed else (out_features, in_features)
 
 
+# The argument list; the op is defined at the end of this file, with its autograd formula (``lean_op.py`` says
+# why it is not a ``custom_op``: it is called once per linear per step).
 SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, str scheme, bool transposed, str name, str kernels, str config=\"\") "
     "-> Tensor"
@@ -60,8 +63,7 @@ def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-@torch.library.custom_op("qcompile::quantized_linear", mutates_args=(), schema=SCHEMA)
-def quantized_linear(
+def _quantized_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -85,8 +87,7 @@ def quantized_linear(
     return op_body(binding(packed.scheme).op)(*op_arguments(packed, x, bias, kernels))
 
 
-@quantized_linear.register_fake
-def _(x, weight, bias, scheme, transposed, name, kernels, config=""):
+def _quantized_linear_fake(x, weight, bias, scheme, transposed, name, kernels, config=""):
     check_kernels(kernels)
     out_features, in_features = _features(weight, transposed)
     torch._check(x.shape[-1] == in_features,
@@ -140,4 +141,6 @@ def _backward(ctx, grad):
     return grad_x, None, grad_bias, None, None, None, None, None
 
 
-quantized_linear.register_autograd(_backward, setup_context=_setup_context)
+_LIBRARY = torch.library.Library("qcompile", "FRAGMENT")
+quantized_linear = define_lean_op(_LIBRARY, "quantized_linear", SCHEMA, _quantized_linear, _quantized_linear_fake,
+                                  _backward, _setup_context)
