@@ -36,7 +36,7 @@ from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, note_compiled_
 from qcompile.memory import memory_footprint
 from qcompile.ops.dispatch import KERNELS
 from qcompile.ops.quantized_linear import scheme_key
-from qcompile.pack_cache import packed_weight, released_how, remember_name
+from qcompile.pack_cache import drop_if_changed, packed_weight, released_how, remember_name
 from qcompile.passes.plan import TRAINABLE, LinearDecision, SitePlan, linear_decisions
 from qcompile.passes.rewrite_linear import rewrite_linears
 from qcompile.passes.sites import find_linear_sites
@@ -153,6 +153,7 @@ def quantize_graph(
     linears = _record_decisions(key, plans, opts.config)
     rewritten = rewrite_linears(gm, plans, opts.kernels, key)
     for plan in rewritten:  # pack now: errors (NaN weights, say) surface at compile time, not mid-call
+        drop_if_changed(plan.site.parameter, plan.site.qualified_name)
         packed_weight(plan.site.parameter, plan.scheme, plan.site.transposed, plan.site.qualified_name)
         remember_name(plan.site.parameter, plan.site.qualified_name)
     names = {id(s.parameter): s.qualified_name for s in sites if s.parameter is not None}

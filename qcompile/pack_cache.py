@@ -9,8 +9,11 @@ Each entry records a stamp of the parameter when it was packed: its version coun
 every in-place write: ``load_state_dict``, ``copy_``, optimizer steps), data pointer, dtype,
 device and shape (``model.to(...)`` and ``param.data = ...`` swap the data). A call whose
 parameter no longer matches its stamp repacks it, logging the parameter's name. Writes through
-``param.data`` (a tensor with its own version counter) are invisible to the stamp: call
-:func:`invalidate` after such writes.
+``param.data`` (a tensor with its own version counter) are invisible to the stamp. The entry also keeps
+a strided sample of the values packed, which the backend compares whenever it compiles a graph that
+uses the parameter (:func:`drop_if_changed`): peft's ``merge_and_unload`` writes merged weights through
+``.data`` and changes the modules, so dynamo recompiles and the merged weights are packed. A graph
+that is not recompiled sees such writes only after :func:`invalidate`.
 
 Per call this costs one weak-dictionary lookup and the stamp comparison (measured by
 ``benchmarks/call_overhead.py``).
@@ -67,10 +70,30 @@ def _data_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+# Elements sampled per dimension of a parameter (64 x 64 of a weight matrix), to notice writes through .data.
+SAMPLE_STEPS = 64
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _content_sample(t: torch.Tensor) -> torch.Tensor | None:
+    """Every (size // SAMPLE_STEPS)-th element along each dimension of ``t``, copied; None for a tensor without
+    float data (released, meta) or of an element size the comparison does not handle."""
+    if t.device.type == "meta" or is_released(t) or t.numel() == 0 or t.element_size() not in _BITS:
+        return None
+    with torch.no_grad():
+        return t.detach()[tuple(slice(None, None, max(1, size // SAMPLE_STEPS)) for size in t.shape)].clone()
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bit patterns, so that a NaN equals itself.
+    return a.shape == b.shape and torch.equal(a.view(_BITS[a.element_size()]), b.view(_BITS[b.element_size()]))
+
+
 @dataclasses.dataclass
 class _Entry:
     packed: PackedWeight
     stamp: tuple
+    sample: torch.Tensor | None  # _content_sample of the values packed (None: released, nothing to compare)
 
 
 def _entries(weight: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -124,7 +147,7 @@ def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: 
         with torch.no_grad():
             detached = owner.detach()
             packed = scheme.pack(detached.t() if transposed else detached, name=name)
-        _PACKED.setdefault(owner, {})[key] = _Entry(packed, _stamp(owner))
+        _PACKED.setdefault(owner, {})[key] = _Entry(packed, _stamp(owner), _content_sample(owner))
         _BY_DATA[_data_key(owner)] = weakref.ref(owner)
         if len(_BY_DATA) > 2 * len(_PACKED) + 64:
             _prune_data_index()
@@ -165,6 +188,31 @@ def invalidate(parameters: torch.nn.Module | Iterable[torch.Tensor]) -> int:
     return dropped
 
 
+def drop_if_changed(parameter: torch.Tensor, name: str) -> bool:
+    """Forget ``parameter``'s packed forms if its values differ from those they were packed from although its
+    stamp does not (a write through ``param.data``), logging a warning that names it; True if they were.
+
+    Compares the strided sample kept at packing: it catches writes that touch most of the weight (a merged
+    LoRA update does), not necessarily a write to a few elements. The backend calls it for every parameter
+    of a graph it compiles; it costs a copy of the sample and a comparison (a device sync on a GPU).
+    """
+    with _LOCK:
+        entries = _PACKED.get(parameter)
+        if not entries:
+            return False
+        now = _content_sample(parameter)
+        changed = now is not None and any(
+            entry.sample is not None and entry.stamp == _stamp(parameter) and not _same_values(entry.sample, now)
+            for entry in entries.values())
+        if changed:
+            del _PACKED[parameter]
+            log.warning("qcompile: %s changed since it was packed, by a write its version counter did not see "
+                        "(through param.data, as peft's merge_and_unload writes); repacking it. Call "
+                        "qcompile.invalidate(model) after such writes: a graph that is not recompiled does not "
+                        "check", name)
+        return changed
+
+
 def release_parameter(parameter: torch.nn.Parameter) -> None:
     """Drop the parameter's floating-point storage, keeping its shape, dtype and device.
 
@@ -183,6 +231,7 @@ def release_parameter(parameter: torch.nn.Parameter) -> None:
         parameter._qcompile_released = "released"
         for entry in fresh.values():
             entry.stamp = _stamp(parameter)
+            entry.sample = None
         if fresh:
             _BY_DATA[_data_key(parameter)] = weakref.ref(parameter)
 
@@ -205,5 +254,5 @@ def adopt_packed(parameter: torch.nn.Parameter, scheme: Scheme, transposed: bool
             parameter._qcompile_released = "packed ahead"
         else:
             parameter.data = float_data
-        _PACKED[parameter] = {(scheme, transposed): _Entry(packed, _stamp(parameter))}
+        _PACKED[parameter] = {(scheme, transposed): _Entry(packed, _stamp(parameter), _content_sample(parameter))}
         _BY_DATA[_data_key(parameter)] = weakref.ref(parameter)

@@ -87,6 +87,46 @@ def test_writes_through_data_need_invalidate():
     assert_matches_reference(compiled(x), model, x)
 
 
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+@torch.no_grad()
+def test_peft_merged_weights_are_repacked_when_the_graph_recompiles(merge, caplog):
+    """peft merges a LoRA update into the base weight through ``.data`` (no version bump): the stale packed
+    form would run the base without its adapter. The merge changes the modules, dynamo recompiles, and the
+    backend finds the changed values."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    compiled, plans = compile_counting(model)
+    before = compiled(ids).logits
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    packed_before = cached_packed_weights(q_proj.weight)
+    merged = model.merge_and_unload() if merge == "merge_and_unload" else (model.merge_adapter(), model)[1]
+    with caplog.at_level("WARNING", logger="qcompile"):
+        after = compiled(ids).logits
+    assert len(plans) == 2  # the merge recompiled
+    warned = [r.getMessage() for r in caplog.records if "changed since it was packed" in r.getMessage()]
+    assert len(warned) == 4 and any("layers.0.self_attn.q_proj" in message for message in warned)
+    assert cached_packed_weights(q_proj.weight) != packed_before
+    reference = dequantized_model(merged.base_model.model if merge == "merge_adapter" else merged, CONFIG)
+    torch.testing.assert_close(after, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (after - before).abs().max() > 1e-2  # the merged weights were quantized, not the adapter in float
+
+
+@torch.no_grad()
+def test_a_recompile_keeps_the_packed_forms_of_unchanged_weights(caplog):
+    model = MLP().eval()
+    compiled, plans = compile_counting(model)
+    compiled(torch.randn(3, 64))
+    packed = cached_packed_weights(model.fc1.weight)
+    with caplog.at_level("WARNING", logger="qcompile"):
+        compiled(torch.randn(3, 5, 64))  # another rank: a second graph
+    assert len(plans) == 2 and "changed since it was packed" not in caplog.text
+    assert cached_packed_weights(model.fc1.weight)[0] is packed[0]
+
+
 def tied_llama():
     model = tiny_llama()
     model.config.tie_word_embeddings = True
