@@ -44,7 +44,8 @@ def cuda_like_host_path(launches: list[int]) -> Iterator[None]:
         launches[0] += 1
 
     autotune.run_kernel = stub
-    autotune.interpreting = lambda: False
+    real_interpreting = saved[1]
+    autotune.interpreting = lambda: real_interpreting() and False  # still reads the variable, as on CUDA
     autotune.autotune_mode = lambda: "fast"
     _common.interpreting = lambda: True  # check_runnable: CPU tensors pass (interpreted kernels)
     try:
@@ -60,15 +61,15 @@ def seeded_winners() -> Iterator[None]:
     from qcompile.codegen import autotune, lowbit
 
     tuned = [lowbit._tuned(variant) for variant in ("gemv", "gemm_split_k", "gemm")]
-    saved = [(t._disk, t._winners, t._keys) for t in tuned]
+    saved = [(t._disk, t._winners, t._keys, t.plans) for t in tuned]
     for t in tuned:
-        t._disk, t._winners, t._keys = autotune.AutotuneCache(), {}, {}
+        t._disk, t._winners, t._keys, t.plans = autotune.AutotuneCache(), {}, {}, {}
         t._disk.get = lambda key, t=t: autotune.config_to_dict(t.interpreter_config({}))
     try:
         yield
     finally:
-        for t, (disk, winners, keys) in zip(tuned, saved, strict=True):
-            t._disk, t._winners, t._keys = disk, winners, keys
+        for t, (disk, winners, keys, plans) in zip(tuned, saved, strict=True):
+            t._disk, t._winners, t._keys, t.plans = disk, winners, keys, plans
 
 
 def measure(reps: int) -> dict[str, float]:

@@ -70,6 +70,15 @@ def check_numel(fn: str, name: str, tensor: torch.Tensor, expected: int, at_leas
         raise ValueError(f"{fn}: {name} has {tensor.numel()} elements, expected {what}")
 
 
+def flat(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` as a 1-D contiguous tensor (converted to ``dtype`` if given): ``tensor`` itself when it already
+    is one, which costs three attribute reads where ``reshape(-1).to(dtype).contiguous()`` costs three calls."""
+    if tensor.dim() == 1 and (dtype is None or tensor.dtype == dtype) and tensor.is_contiguous():
+        return tensor
+    tensor = tensor.reshape(-1)
+    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+
 def as_2d_input(fn: str, x: torch.Tensor, in_features: int) -> torch.Tensor:
     """x (..., K) as a (M, K) tensor with unit stride along K (copied only if needed)."""
     if not isinstance(x, torch.Tensor):

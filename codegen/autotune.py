@@ -21,6 +21,12 @@ How a tuned launch works (``TunedKernel.launch``):
    contradict the launch's constexprs, or a launch failing with TypeError / ValueError / a Triton
    error) is dropped from memory and disk with a warning, and the launch retunes: a cache written by
    an older kernel version must never crash a run.
+5. Choosing costs more host time than launching (building the key, the lookups, the grid, the keyword
+   arguments: ~10 us per call on a 2-core CPU). An entry point that calls the same kernel with the same
+   sizes over and over (every linear, every decoded token) keeps a launch plan per call signature in
+   ``TunedKernel.plans`` (see ``lowbit._Plan``), made from the config its first call chose; the plans
+   are dropped with any winner. The signature includes ``QCOMPILE_AUTOTUNE`` as set, so a changed
+   setting is seen on the next call.
 
 Every launch, tuned or not, goes through ``run_kernel``, which makes the tensors' CUDA device the
 current one (Triton launches on the current device and its current stream, whatever the tensors'
@@ -70,6 +76,12 @@ def autotune_mode() -> str:
     if mode not in AUTOTUNE_MODES:
         raise ValueError(f"{AUTOTUNE_ENV}: {raw!r} is not allowed; allowed: {', '.join(AUTOTUNE_MODES)}")
     return "off" if interpreting() else mode
+
+
+def mode_setting() -> str | None:
+    """``QCOMPILE_AUTOTUNE`` as set (unchecked): part of launch-plan signatures, so a changed setting is seen
+    (and checked by :func:`autotune_mode`) on the next call."""
+    return os.environ.get(AUTOTUNE_ENV)
 
 
 def cache_dir() -> Path:
@@ -298,6 +310,24 @@ def run_kernel(kernel: Any, grid: Any, args: Sequence[Any], **kwargs: Any) -> An
         return kernel[grid](*args, **kwargs)
 
 
+class DecidedLaunch:
+    """A launch whose config and grid are decided: ``run_kernel(kernel, grid, args, **kwargs)`` for any ``args``.
+
+    The per-call part of a launch plan (see ``TunedKernel.plans``): calling it costs a tuple and
+    ``run_kernel``, none of the choosing, config checks or grid evaluation of ``TunedKernel.launch``.
+    """
+
+    __slots__ = ("kernel", "grid", "kwargs")
+
+    def __init__(self, kernel: Any, grid: tuple[int, ...], kwargs: dict[str, Any]) -> None:
+        self.kernel = kernel
+        self.grid = grid
+        self.kwargs = kwargs
+
+    def __call__(self, args: Sequence[Any]) -> Any:
+        return run_kernel(self.kernel, self.grid, args, **self.kwargs)
+
+
 # ---- what a kernel accepts --------------------------------------------------------------------
 
 def _python_function(kernel: Any) -> Any:
@@ -406,6 +436,10 @@ class TunedKernel:
         self._disk = AutotuneCache()
         self._source_hash: str | None = None  # on the first tuned launch: reading source is not import work
         self._constexprs: tuple[frozenset[str], frozenset[str]] | None = None
+        # Launch plans the entry points build from a launch's config, under a call signature of theirs that
+        # determines everything ``_choose`` and the grid depend on (sizes, dtypes, device, constexprs, mode).
+        # Valid while the winners stand: emptied whenever a winner is dropped or tuned.
+        self.plans: dict[Any, Any] = {}
 
     @property
     def source_hash(self) -> str:
@@ -450,6 +484,7 @@ class TunedKernel:
 
     def _drop(self, key: str, config: Any, why: str) -> None:
         self._winners.pop(key, None)
+        self.plans.clear()
         try:
             self._disk.remove(key)
         except OSError as exc:
@@ -498,6 +533,13 @@ class TunedKernel:
         mode, chosen, key = self._choose(args, m, config, constexprs)
         return (mode, (None, key)) if chosen is None else (mode, chosen)
 
+    def decided(self, config: Any, grid: Callable[[dict[str, Any]], tuple[int, ...]],
+                constexprs: dict[str, Any]) -> DecidedLaunch:
+        """The launch of ``config`` with ``constexprs``: its grid evaluated, its keyword arguments assembled."""
+        meta = {**constexprs, **config.kwargs}
+        return DecidedLaunch(self.kernel, tuple(grid(meta)),
+                             {**meta, "num_warps": config.num_warps, "num_stages": config.num_stages})
+
     def launch(
         self,
         grid: Callable[[dict[str, Any]], tuple[int, ...]],
@@ -513,10 +555,8 @@ class TunedKernel:
             if problem is not None:
                 raise ValueError(f"config: {config_to_dict(chosen)} cannot launch {self.name}: {problem}")
         if chosen is not None:
-            meta = dict(chosen.kwargs)
-            launch_kwargs = {**constexprs, **meta, "num_warps": chosen.num_warps, "num_stages": chosen.num_stages}
             try:
-                run_kernel(self.kernel, lambda m_: grid({**constexprs, **meta}), args, **launch_kwargs)
+                self.decided(chosen, grid, constexprs)(args)
                 return chosen
             except _config_errors() as exc:
                 if key is None:  # not a cached config: a real error
@@ -531,6 +571,7 @@ class TunedKernel:
         run_kernel(tuner, grid, args, **constexprs)
         winner = tuner.best_config
         self._winners[key] = winner
+        self.plans.clear()
         try:
             self._disk.put(key, config_to_dict(winner))
         except OSError as exc:

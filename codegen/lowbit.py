@@ -525,23 +525,25 @@ def linear_4bit(
     common.check_index_range(FN, n, k, x2.shape[0])
 
     # quant_storage may view the packed bytes as another dtype; the bytes are what matter.
-    packed_u8 = packed.contiguous().reshape(-1).view(torch.uint8)
+    packed_u8 = common.flat(packed)
+    if packed_u8.dtype != torch.uint8:
+        packed_u8 = packed_u8.view(torch.uint8)
     common.check_numel(FN, "packed (as bytes)", packed_u8, (n * k + 1) // 2, at_least=True)
     nblocks = -(-n * k // blocksize)
-    code = code.reshape(-1).to(torch.float32).contiguous()
+    code = common.flat(code, torch.float32)
     common.check_numel(FN, "code", code, 16)
-    absmax = absmax.reshape(-1).contiguous()
+    absmax = common.flat(absmax)
     common.check_numel(FN, "absmax", absmax, nblocks, at_least=True)
     nested = nested_absmax is not None
     if nested:
         common.check_dtype(FN, "absmax (double-quantized)", absmax, (torch.uint8,))
-        nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
+        nested_code = common.flat(nested_code, torch.float32)
         common.check_numel(FN, "nested_code", nested_code, 256)
-        nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
+        nested_absmax = common.flat(nested_absmax, torch.float32)
         common.check_numel(FN, "nested_absmax", nested_absmax, -(-nblocks // NESTED_BLOCKSIZE), at_least=True)
     else:
         common.check_dtype(FN, "absmax", absmax, common.FLOAT_DTYPES)
-        absmax = absmax.to(torch.float32)
+        absmax = common.flat(absmax, torch.float32)
         # Unused pointers still need a tensor; absmax is a harmless stand-in.
         nested_absmax = nested_code = absmax
     bias = common.check_bias(FN, bias, n)
@@ -645,56 +647,105 @@ def _check_options(fn: str, variant: str, compute_dtype: torch.dtype) -> None:
 def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],
             bias: torch.Tensor | None, f0: float, n: int, k: int, compute_dtype: torch.dtype, variant: str,
             config: Any, consts: dict[str, Any]) -> torch.Tensor:
-    """Pick the variant for M and run it with the decode ``consts`` name; y in x.dtype, x's leading shape."""
+    """Pick the variant for M and run it with the decode ``consts`` name; y in x.dtype, x's leading shape.
+
+    Without a forced config, the variant's config and grids are decided once per call signature (sizes,
+    dtypes, device, constexprs, autotune mode) and kept as a :class:`_Plan` in the tuned kernel's ``plans``:
+    later calls with that signature allocate the output and launch, nothing else.
+    """
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
     if m == 0:
         return x.new_zeros(out_shape)
     if variant == "auto":
         variant = "gemv" if m <= GEMV_MAX_M else "gemm_split_k" if m <= common.SPLIT_K_MAX_M else "gemm"
+    tuned = _tuned(variant)
+    interpret = autotune.interpreting()
+    signature = None
+    if config is None:
+        signature = (autotune.mode_setting(), interpret, m, n, k, x2.dtype, compute_dtype, x2.device,
+                     None if bias is None else bias.dtype, w.dtype, *(t.dtype for t in metadata), *consts.values())
+        plan = tuned.plans.get(signature)
+        if plan is not None:
+            return plan(x2, w, metadata, bias, f0, out_shape)
     forced = autotune.as_config(config)
-    consts = dict(consts, HAS_BIAS=bias is not None, COMPUTE_DTYPE=common.tl_dtype(compute_dtype),
-                  INTERPRET=autotune.interpreting())
+    consts = dict(consts, HAS_BIAS=bias is not None, COMPUTE_DTYPE=common.tl_dtype(compute_dtype), INTERPRET=interpret)
     if variant == "gemv":
-        return _gemv(x2, w, metadata, bias, f0, m, n, k, forced, consts).reshape(out_shape)
-    # The split-K GEMM's partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
-    if variant == "gemm_split_k":
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+        block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
+        consts = {key: v for key, v in consts.items() if key != "HAS_BIAS"}
+        consts["BLOCK_M"] = block_m
+        if forced is not None and "STAGES" not in forced.kwargs:
+            consts["STAGES"] = 1  # a forced config from before the pipelined option
+        if forced is not None and not 1 <= forced.kwargs.get("SPLIT_K", 1) <= GEMV_MAX_SPLIT_K:
+            raise ValueError(f"{FN}: config SPLIT_K must be 1..{GEMV_MAX_SPLIT_K}, got {forced.kwargs['SPLIT_K']}")
+        # Room for the most splits any config asks for: the config is chosen (or tuned) inside launch.
+        out = torch.empty((GEMV_MAX_SPLIT_K, m, n), device=x.device, dtype=torch.float32)
+
+        def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+            return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        args = (x2, w, *metadata, out, m, n, k, x2.stride(0), f0)
     else:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    bias_arg = bias if bias is not None else metadata[0]  # an unused pointer still needs a tensor
-    args = (x2, w, *metadata, bias_arg, y, m, n, k, x2.stride(0), y.stride(0), f0)
-    precision = common.dot_precision(compute_dtype, consts["INTERPRET"])
-    if variant == "gemm_split_k":
-        _tuned(variant).launch(common.split_k_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, **consts)
-        return y.to(x.dtype).reshape(out_shape)
-    _tuned("gemm").launch(common.grouped_grid(m, n), args, m, config=forced, DOT_PRECISION=precision, SPLIT_K=1,
-                          **consts)
-    return y.reshape(out_shape)
+        consts["DOT_PRECISION"] = common.dot_precision(compute_dtype, interpret)
+        if variant == "gemm":
+            consts["SPLIT_K"] = 1
+            grid = common.grouped_grid(m, n)
+        else:
+            grid = common.split_k_grid(m, n)
+        # The split-K GEMM's partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype) if variant == "gemm" else \
+            torch.zeros((m, n), device=x.device, dtype=torch.float32)
+        bias_arg = bias if bias is not None else metadata[0]  # an unused pointer still needs a tensor
+        args = (x2, w, *metadata, bias_arg, out, m, n, k, x2.stride(0), out.stride(0), f0)
+    used = tuned.launch(grid, args, m, config=forced, **consts)
+    plan = _Plan(variant, tuned.decided(used, grid, consts), m, n, k, used.kwargs.get("SPLIT_K", 1), interpret)
+    if signature is not None:
+        tuned.plans[signature] = plan
+    return plan.finish(out, bias, x2.dtype, out_shape)
 
 
-def _gemv(x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
-          f0: float, m: int, n: int, k: int, forced: Any, consts: dict[str, Any]) -> torch.Tensor:
-    """The GEMV and its split-sum epilogue; y [m, n] in x2.dtype."""
-    block_m = min(common.next_power_of_2(m), GEMV_MAX_M)
-    consts = {key: v for key, v in consts.items() if key != "HAS_BIAS"}
-    if forced is not None and "STAGES" not in forced.kwargs:
-        consts["STAGES"] = 1  # a forced config from before the pipelined option
-    if forced is not None and not 1 <= forced.kwargs.get("SPLIT_K", 1) <= GEMV_MAX_SPLIT_K:
-        raise ValueError(f"{FN}: config SPLIT_K must be 1..{GEMV_MAX_SPLIT_K}, got {forced.kwargs['SPLIT_K']}")
-    # Room for the most splits any config asks for: the config is chosen (or tuned) inside launch.
-    partial = torch.empty((GEMV_MAX_SPLIT_K, m, n), device=x2.device, dtype=torch.float32)
+class _Plan:
+    """One call signature's launches, decided: the variant's kernel (config, grid, constexprs) and its epilogue.
 
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    ``plan(x2, w, metadata, bias, f0, out_shape)`` allocates the output, launches and finishes (the GEMV's
+    split sum, the split-K GEMM's cast); :func:`_launch` makes a plan from its first launch and runs the rest
+    of that call with ``finish``, so a planned call and the first one run the same launches.
+    """
 
-    args = (x2, w, *metadata, partial, m, n, k, x2.stride(0), f0)
-    used = _tuned("gemv").launch(grid, args, m, config=forced, BLOCK_M=block_m, **consts)
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    block_n = 128
-    autotune.run_kernel(
-        split_k_sum_kernel, (m, triton.cdiv(n, block_n)),
-        (partial, bias if bias is not None else partial, y, m, n, used.kwargs["SPLIT_K"], y.stride(0)),
-        HAS_BIAS=bias is not None, INTERPRET=consts["INTERPRET"], BLOCK_N=block_n,
-    )
-    return y
+    __slots__ = ("variant", "main", "m", "n", "k", "splits", "interpret")
+
+    def __init__(self, variant: str, main: autotune.DecidedLaunch, m: int, n: int, k: int, splits: int,
+                 interpret: bool) -> None:
+        self.variant, self.main, self.m, self.n, self.k = variant, main, m, n, k
+        self.splits, self.interpret = splits, interpret
+
+    def __call__(self, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],
+                 bias: torch.Tensor | None, f0: float, out_shape: tuple[int, ...]) -> torch.Tensor:
+        m, n, k = self.m, self.n, self.k
+        if self.variant == "gemv":
+            out = torch.empty((self.splits, m, n), device=x2.device, dtype=torch.float32)
+            self.main((x2, w, *metadata, out, m, n, k, x2.stride(0), f0))
+        else:
+            out = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if self.variant == "gemm" else \
+                torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+            bias_arg = bias if bias is not None else metadata[0]
+            self.main((x2, w, *metadata, bias_arg, out, m, n, k, x2.stride(0), out.stride(0), f0))
+        return self.finish(out, bias, x2.dtype, out_shape)
+
+    def finish(self, out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+               out_shape: tuple[int, ...]) -> torch.Tensor:
+        """y (``out_shape``, ``dtype``) from the main launch's output: the GEMV's partial sums added in split
+        order with the bias (a second launch), the split-K GEMM's fp32 sums cast, the GEMM's y as it is."""
+        if self.variant == "gemm":
+            return out.reshape(out_shape)
+        if self.variant == "gemm_split_k":
+            return out.to(dtype).reshape(out_shape)
+        m, n = self.m, self.n
+        y = torch.empty(out_shape, device=out.device, dtype=dtype)  # contiguous: row r of [m, n] at r * n
+        block_n = 128
+        autotune.run_kernel(
+            split_k_sum_kernel, (m, -(-n // block_n)),  # not triton.cdiv: ~2 us on the host
+            (out, bias if bias is not None else out, y, m, n, self.splits, n),
+            HAS_BIAS=bias is not None, INTERPRET=self.interpret, BLOCK_N=block_n,
+        )
+        return y

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -47,4 +48,10 @@ def use_cpu_kernels(kernels: str, x: torch.Tensor) -> bool:
 
 def codegen_function(module: str, function: str) -> Callable[..., Any]:
     """``qcompile.codegen.<module>.<function>``, imported on first use (Triton is optional)."""
-    return getattr(importlib.import_module(f"qcompile.codegen.{module}"), function)
+    return getattr(_codegen_module(module), function)  # looked up per call: tests replace functions
+
+
+@functools.cache
+def _codegen_module(module: str) -> Any:
+    # import_module costs ~1.5 us per call even for a loaded module, and the ops ask on every call.
+    return importlib.import_module(f"qcompile.codegen.{module}")

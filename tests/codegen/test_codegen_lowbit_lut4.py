@@ -81,8 +81,10 @@ def test_gemv_split_k(split_k):
 @pytest.fixture
 def launched(monkeypatch):
     """The constexprs of every tuned 4-bit launch: which path (ALIGNED or not) really ran."""
-    from qcompile.codegen import autotune
+    from qcompile.codegen import autotune, lowbit
 
+    for variant in ("gemv", "gemm_split_k", "gemm"):
+        lowbit._tuned(variant).plans.clear()  # a planned call launches without TunedKernel.launch
     seen = []
     real = autotune.TunedKernel.launch
 
