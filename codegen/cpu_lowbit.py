@@ -57,7 +57,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qc_lowbit4_decode.argtypes = [_p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _p, _i64,
                                       _i32, _i32]
     lib.qc_lowbit4_decode.restype = _i32
-    lib.qc_lowbit4_linear.argtypes = [_p, _i32, _i64, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i32, _p, _i32]
+    lib.qc_lowbit4_linear.argtypes = [_p, _i32, _i64, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i32, _p, _i32,
+                                      _p, _i32, _i32]
     lib.qc_lowbit4_linear.restype = _i32
     lib.qc_affine_linear.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _p, _i32]
     lib.qc_affine_linear.restype = _i32
@@ -150,42 +151,43 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and _weight_ok(packed, absmax, code,
                                                                                      nested_absmax, nested_code)):
         return None
-    x_c = x.reshape(-1, in_features).to(compute_dtype).contiguous()
-    m = x_c.shape[0]
+    # x as it is when it already is what the kernel reads (decode: every call), else a converted copy.
+    x_c = x if x.dtype == compute_dtype and x.is_contiguous() else x.reshape(-1, in_features).to(compute_dtype)
+    m = x_c.numel() // in_features if in_features else 0
     if m <= FUSED_MAX_ROWS:
-        out = torch.empty((m, out_features), dtype=torch.float32)
+        # The kernel adds the bias, rounds once to compute_dtype (as a matmul with bias does) and writes x's dtype.
+        if bias is not None and (bias.dtype not in _DTYPE_CODES or not bias.is_contiguous()):
+            bias = bias.to(compute_dtype).contiguous()
+        y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
         status = lib.qc_lowbit4_linear(x_c.data_ptr(), _DTYPE_CODES[compute_dtype], m, *_weight_args(
             packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize), out_features, in_features,
-            _DTYPE_CODES[compute_dtype], out.data_ptr(), torch.get_num_threads())
-        if status != 0:
+            _DTYPE_CODES[compute_dtype], _ptr(bias), 0 if bias is None else _DTYPE_CODES[bias.dtype], y.data_ptr(),
+            _DTYPE_CODES[x.dtype], torch.get_num_threads())
+        return y if status == 0 else None
+    x_c = x_c.reshape(-1, in_features).contiguous()
+    rows = _band_rows(in_features)
+    band = torch.empty((min(rows, out_features), in_features), dtype=compute_dtype)
+    bias_c = None if bias is None else bias.to(compute_dtype)
+
+    def band_product(start: int, stop: int) -> torch.Tensor | None:
+        weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                             (out_features, in_features), (start, stop), (0, in_features), band[: stop - start],
+                             lib)
+        return None if weight is None else torch.nn.functional.linear(
+            x_c, weight, None if bias_c is None else bias_c[start:stop])
+
+    if rows >= out_features:  # one band: its product is the output (no buffer to copy it into: QLoRA's peak)
+        out = band_product(0, out_features)
+        if out is None:
             return None
-        if bias is not None:  # added before the one rounding to compute_dtype, as a matmul with bias does
-            out += bias.to(compute_dtype).float()
-        out = out.to(compute_dtype)
     else:
-        rows = _band_rows(in_features)
-        band = torch.empty((min(rows, out_features), in_features), dtype=compute_dtype)
-        bias_c = None if bias is None else bias.to(compute_dtype)
-
-        def band_product(start: int, stop: int) -> torch.Tensor | None:
-            weight = decode_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
-                                 (out_features, in_features), (start, stop), (0, in_features), band[: stop - start],
-                                 lib)
-            return None if weight is None else torch.nn.functional.linear(
-                x_c, weight, None if bias_c is None else bias_c[start:stop])
-
-        if rows >= out_features:  # one band: its product is the output (no buffer to copy it into: QLoRA's peak)
-            out = band_product(0, out_features)
-            if out is None:
+        out = torch.empty((m, out_features), dtype=compute_dtype)
+        for start in range(0, out_features, rows):
+            stop = min(start + rows, out_features)
+            part = band_product(start, stop)
+            if part is None:
                 return None
-        else:
-            out = torch.empty((m, out_features), dtype=compute_dtype)
-            for start in range(0, out_features, rows):
-                stop = min(start + rows, out_features)
-                part = band_product(start, stop)
-                if part is None:
-                    return None
-                out[:, start:stop] = part
+            out[:, start:stop] = part
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 

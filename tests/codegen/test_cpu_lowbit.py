@@ -125,6 +125,28 @@ def _tolerance(x: torch.Tensor, packed, ref: torch.Tensor, compute_dtype: torch.
     return eps * magnitude + eps * ref.float().abs() + 1e-5 * magnitude + 1e-6
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_epilogue_rounds_once_to_the_compute_dtype(library, bias_dtype):
+    """The fused kernel's epilogue is torch's: bias rounded to the compute dtype and added in float32, the sum
+    rounded once to the compute dtype, then stored in x's dtype (exact comparisons, not bounds)."""
+    n, k = 40, 256
+    packed, args = _packed(n, k, compute_dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    x16 = torch.randn(3, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.float64).to(bias_dtype) * 4
+
+    def run(x, b, compute_dtype):
+        return cpu_lowbit.linear_4bit(x, *args, b, packed.nested_offset, 64, n, k, compute_dtype, library)
+
+    y16, y32 = run(x16, bias, torch.bfloat16), run(x16.float(), bias, torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    assert torch.equal(y32, y16.float())  # rounded to bfloat16 once, whatever x's dtype
+    no_bias = run(x16.float(), None, torch.float32)
+    with_bias = run(x16.float(), bias, torch.float32)
+    assert torch.equal(with_bias, no_bias + bias.float())  # float32 compute: one float32 addition
+    assert not torch.equal(with_bias, no_bias)
+
+
 def test_linear_bound_catches_a_wrong_weight(library):
     """The bound above is tight enough to see 16 wrong codes in a row of 256."""
     n, k = 64, 256
