@@ -16,7 +16,12 @@ Rows (microseconds per call, best of 5 rounds):
 * ``format_op``: ``torch.ops.qcompile.linear_4bit(..., kernels="triton")``: the above plus custom-op dispatch;
 * ``quantized_linear``: ``torch.ops.qcompile.quantized_linear``, the op the rewrite emits: the above plus the
   per-call packed-weight lookup;
-* ``launches``: how many launches one call makes (counted by the stub).
+* ``launches``: how many launches one call makes (counted by the stub);
+* ``llm_int8_*``: the same for LLM.int8() (threshold 6, fp16): activation quantization, outlier columns and
+  the int8 GEMM, three launches.
+
+Both entry points decide each launch once per call signature (``codegen/autotune.py``, step 5): these are
+the costs of every call after a shape's first.
 
 Triton's own launcher (``kernel[grid](...)``, a few microseconds per launch in Triton 3) is not included.
 """
@@ -58,9 +63,10 @@ def cuda_like_host_path(launches: list[int]) -> Iterator[None]:
 def seeded_winners() -> Iterator[None]:
     """Inside: every tuned lowbit kernel's cache answers at once with its heuristic config, as after tuning;
     the kernels' caches are as before afterwards."""
-    from qcompile.codegen import autotune, lowbit
+    from qcompile.codegen import autotune, llm_int8, lowbit
 
     tuned = [lowbit._tuned(variant) for variant in ("gemv", "gemm_split_k", "gemm")]
+    tuned += [llm_int8._tuned(split) for split in (False, True)]
     saved = [(t._disk, t._winners, t._keys, t.plans) for t in tuned]
     for t in tuned:
         t._disk, t._winners, t._keys, t.plans = autotune.AutotuneCache(), {}, {}, {}
@@ -102,7 +108,32 @@ def measure(reps: int) -> dict[str, float]:
                 "format_op": per_call_us(lambda: op(*args), reps),
                 "quantized_linear": per_call_us(lambda: torch.ops.qcompile.quantized_linear.default(
                     x, linear.weight, None, key, False, "weight", "triton"), reps)}
+        rows.update(_llm_int8_rows(reps, launches))
     return rows
+
+
+def _llm_int8_rows(reps: int, launches: list[int]) -> dict[str, float]:
+    """The LLM.int8() rows (threshold 6, fp16, same shape and M): activation quantization, outlier columns, GEMM."""
+    from qcompile import Int8
+    from qcompile.codegen import llm_int8
+    from qcompile.ops import op_arguments
+    from qcompile.ops.quantized_linear import scheme_key
+    from qcompile.pack_cache import packed_weight
+
+    linear = torch.nn.Linear(4096, 4096, bias=False, dtype=torch.float16)
+    x = torch.randn(1, 4096, dtype=torch.float16)
+    scheme = Int8(threshold=6.0)
+    x_, weight, weight_scale, bias, threshold, _ = op_arguments(packed_weight(linear.weight, scheme, False, "weight"),
+                                                                x, None, "triton")
+    key = scheme_key(scheme)
+    llm_int8.linear_int8(x, weight, weight_scale, None, threshold)
+    launches[0] = 0
+    llm_int8.linear_int8(x, weight, weight_scale, None, threshold)
+    return {"llm_int8_launches": float(launches[0]),
+            "llm_int8_codegen": per_call_us(lambda: llm_int8.linear_int8(x, weight, weight_scale, None, threshold),
+                                            reps),
+            "llm_int8_quantized_linear": per_call_us(lambda: torch.ops.qcompile.quantized_linear.default(
+                x, linear.weight, None, key, False, "weight", "triton"), reps)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from qcompile.codegen.autotune import interpreting
+from qcompile.codegen.autotune import mode_setting as autotune_mode_setting
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Offsets inside the kernels are int32: the flat weight index n * K + k must fit.
@@ -122,7 +123,7 @@ def check_int8_linear(
     check_index_range(fn, n, k, x2.shape[0])
     weight = weight.contiguous()
     check_dtype(fn, "weight_scale", weight_scale, FLOAT_DTYPES)
-    weight_scale = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    weight_scale = flat(weight_scale, torch.float32)
     check_numel(fn, "weight_scale", weight_scale, n)
     return x2, weight, weight_scale, check_bias(fn, bias, n)
 
@@ -137,10 +138,8 @@ def row_launch(fn: str, k: int) -> tuple[int, int]:
 
 def grouped_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int, ...]]:
     """Launch grid of the kernels using _tl_utils.grouped_tile: one program per output tile."""
-    import triton
-
     def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)  # not triton.cdiv: ~2 us each on the host
 
     return grid
 
@@ -213,24 +212,44 @@ def split_k_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int, ...]]:
 
 
 def launch_gemm(tuned: Any, tuned_split: Any, make_args: Callable[[torch.Tensor], tuple], m: int, n: int,
-                x: torch.Tensor, config: Any = None, **constexprs: Any) -> torch.Tensor:
+                x: torch.Tensor, config: Any = None, plan_key: tuple | None = None, **constexprs: Any) -> torch.Tensor:
     """Run a tiled GEMM kernel for M rows; returns y [m, n] in x.dtype.
 
     M <= SPLIT_K_MAX_M: ``tuned_split`` (the same kernel with split-K configs) into a zeroed fp32 y,
     then cast; otherwise ``tuned`` with SPLIT_K=1 straight into y. ``make_args(y)`` builds the
     kernel arguments; a forced ``config`` without SPLIT_K means SPLIT_K=1.
+
+    ``plan_key``: what else, beside M, N, x's dtype and device and the constexprs, determines the launch (K and
+    the dtypes of the caller's other operands); with it, and no forced config, the launch is decided once per
+    signature and kept in the kernel's ``plans`` (``autotune.py``, step 5).
     """
+    split = m <= SPLIT_K_MAX_M
+    kernel = tuned_split if split else tuned
+    signature = None
+    if config is None and plan_key is not None:
+        signature = (autotune_mode_setting(), m, n, x.dtype, x.device, *plan_key, *constexprs.items())
+        planned = kernel.plans.get(signature)
+        if planned is not None:
+            y = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split else \
+                torch.empty((m, n), device=x.device, dtype=x.dtype)
+            planned(make_args(y))
+            return y.to(x.dtype) if split else y
     if config is not None and "SPLIT_K" not in config.kwargs:
         constexprs["SPLIT_K"] = 1
-    if m <= SPLIT_K_MAX_M:
+    if split:
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        tuned_split.launch(split_k_grid(m, n), make_args(y), m, config=config, **constexprs)
-        return y.to(x.dtype)
-    if config is not None and config.kwargs.get("SPLIT_K", 1) != 1:
-        raise ValueError(f"config: SPLIT_K={config.kwargs['SPLIT_K']} runs only for M <= {SPLIT_K_MAX_M}, got M={m}")
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    tuned.launch(grouped_grid(m, n), make_args(y), m, config=config, **{"SPLIT_K": 1, **constexprs})
-    return y
+        grid = split_k_grid(m, n)
+    else:
+        if config is not None and config.kwargs.get("SPLIT_K", 1) != 1:
+            raise ValueError(f"config: SPLIT_K={config.kwargs['SPLIT_K']} runs only for M <= {SPLIT_K_MAX_M}, "
+                             f"got M={m}")
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        grid = grouped_grid(m, n)
+        constexprs = {"SPLIT_K": 1, **constexprs}
+    used = kernel.launch(grid, make_args(y), m, config=config, **constexprs)
+    if signature is not None:
+        kernel.plans[signature] = kernel.decided(used, grid, constexprs)
+    return y.to(x.dtype) if split else y
 
 
 def sm_count(device: torch.device) -> int:

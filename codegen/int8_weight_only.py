@@ -114,8 +114,8 @@ def int8_weight_only(
 
     interpret = autotune.interpreting()
     y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
-                           HAS_BIAS=bias is not None, DOT_PRECISION=common.dot_precision(x.dtype, interpret),
-                           INTERPRET=interpret)
+                           (k, None if bias is None else bias.dtype), HAS_BIAS=bias is not None,
+                           DOT_PRECISION=common.dot_precision(x.dtype, interpret), INTERPRET=interpret)
     return y.reshape(out_shape)
 
 

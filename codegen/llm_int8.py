@@ -192,6 +192,7 @@ def _tuned(split_k: bool) -> autotune.TunedKernel:
     return int8_tuned_kernel("llm_int8_gemm", llm_int8_gemm_kernel, _ARGS, _smem, split_k)
 
 
+@functools.lru_cache(maxsize=64)  # per call otherwise: a tensor round trip, ~3 us
 def _fp16_threshold(threshold: float) -> float:
     # bitsandbytes compares the fp16 activations with the threshold in fp16.
     return float(torch.tensor(float(threshold), dtype=torch.float16))
@@ -287,6 +288,7 @@ def linear_int8(
 
     interpret = autotune.interpreting()
     y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
-                           HAS_BIAS=bias is not None, HAS_OUTLIERS=threshold > 0,
-                           DOT_PRECISION=common.dot_precision(x.dtype, interpret), INTERPRET=interpret, BLOCK_O=32)
+                           (k, None if bias is None else bias.dtype), HAS_BIAS=bias is not None,
+                           HAS_OUTLIERS=threshold > 0, DOT_PRECISION=common.dot_precision(x.dtype, interpret),
+                           INTERPRET=interpret, BLOCK_O=32)
     return y.reshape(out_shape)

@@ -195,7 +195,8 @@ def w8a8_dynamic(
                 q.stride(0), weight.stride(0), y.stride(0))
 
     y = common.launch_gemm(_tuned(False), _tuned(True), make_args, m, n, x, autotune.as_config(config),
-                           HAS_BIAS=bias is not None, INTERPRET=autotune.interpreting())
+                           (k, None if bias is None else bias.dtype), HAS_BIAS=bias is not None,
+                           INTERPRET=autotune.interpreting())
     return y.reshape(out_shape)
 
 

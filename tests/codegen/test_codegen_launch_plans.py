@@ -128,3 +128,38 @@ def test_dropping_a_winner_empties_the_plans(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="dropped the cached fake config"):
         tuned._drop("key", autotune.config(BLOCK_N=8), "a test")
     assert tuned.plans == {}
+
+
+@requires_interpreter
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("m", [1, 65], ids=["split-k", "gemm"])
+@pytest.mark.parametrize("entry", ["int8_weight_only", "llm_int8", "w8a8_dynamic"])
+def test_int8_gemms_plan_too(spied, monkeypatch, entry, m, with_bias):
+    """The int8 GEMMs (``common.launch_gemm``): a planned call launches what the first did, same result."""
+    import importlib
+
+    module = importlib.import_module(f"qcompile.codegen.{entry}")
+    for split in (False, True):
+        module._tuned(split).plans.clear()
+    launches, choices = spied
+    gen = torch.Generator().manual_seed(m)
+    weight = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    scale = torch.rand(N, generator=gen) / 127 + 1e-3
+    bias = torch.randn(N, generator=gen) if with_bias else None
+    x = torch.randn(m, K, generator=gen)
+    x[:, 3] *= 20  # an outlier column for LLM.int8()
+
+    def run():
+        if entry == "llm_int8":
+            return module.linear_int8(x, weight, scale * 127, bias, 6.0)
+        return getattr(module, entry)(x, weight, scale, bias)
+
+    first = run()
+    first_launches, first_choices = list(launches), list(choices)
+    launches.clear()
+    second = run()
+    assert len(first_choices) == 1 and choices == first_choices  # the second call chose nothing
+    assert launches == first_launches
+    assert torch.equal(first, second)
+    if entry == "int8_weight_only":
+        torch.testing.assert_close(second, ref.int8_weight_only(x, weight, scale, bias), **ref.tolerance(torch.float32))
