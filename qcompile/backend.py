@@ -31,6 +31,7 @@ from qcompile.checkpoint_regions import (
     has_activation_checkpoint,
 )
 from qcompile.config import QuantConfig
+from qcompile.cuda_graphs import records_cuda_graphs, refuse_stale_weights
 from qcompile.decisions import config_key, record
 from qcompile.fallback import ON_FALLBACK, FallbackPolicy, guard, note_compiled_frame, strip_expect_quantized
 from qcompile.memory import memory_footprint
@@ -291,7 +292,13 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOpt
         log.info("qcompile plan for graph %s (passes took %.3fs):\n%s", _graph_id(gm), plan.pass_seconds, plan.table())
     if opts.on_plan is not None:
         opts.on_plan(plan)
+    stale_check = None
+    if rewritten and records_cuda_graphs(example_inputs, opts.inner, opts.mode or mode):
+        stale_check = refuse_stale_weights(gm, [(p.site.weight_node, p.site.parameter, p.site.qualified_name)
+                                                for p in rewritten])
     compiled = _inner_compile(gm, example_inputs, opts, opts.mode or mode)
+    if stale_check is not None:
+        compiled = stale_check(compiled)
     if not rewritten and all(scheme is None for *_, scheme in linears):
         return compiled
     # Guards even when this graph rewrote nothing: the model's quantized linears may all run outside graphs

@@ -55,7 +55,8 @@ def name_of(weight: torch.Tensor) -> str:
     return _NAMES.get(owner) or _NAMES.get(weight) or "weight"
 
 
-def _version(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor) -> int:
+    """``t._version``, or -1 for an inference-mode tensor."""
     try:
         return t._version
     except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change outside it)
@@ -63,7 +64,7 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _stamp(t: torch.Tensor) -> tuple:
-    return (_version(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+    return (version_of(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
 
 def _data_key(t: torch.Tensor) -> tuple:
@@ -141,7 +142,7 @@ def packed_weight(weight: torch.Tensor, scheme: Scheme, transposed: bool, name: 
             )
         if entry is not None:
             log.info("qcompile: %s changed since it was packed (version %d -> %d); repacking",
-                     name, entry.stamp[0], _version(owner))
+                     name, entry.stamp[0], version_of(owner))
         if owner.device.type == "meta":
             raise ValueError(f"{name}: weight is on the meta device (not loaded); load its data before running")
         with torch.no_grad():
