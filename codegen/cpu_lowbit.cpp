@@ -152,6 +152,20 @@ inline float load(const void* x, int64_t index, int dtype) {
     return static_cast<const float*>(x)[index];
 }
 
+// The epilogue torch would run on a linear's float32 sums out[M, N]: the bias rounded to the compute dtype and
+// added in float32, the sum rounded once to the compute dtype, then stored in y's dtype. Here, not in Python:
+// no second pass over a float32 tensor and no allocations (~5 us less per call at decode sizes).
+void write_output(const float* out, int64_t m, int64_t n, const void* bias, int bias_dtype, int compute_dtype,
+                  void* y, int y_dtype) {
+    for (int64_t row = 0; row < m; ++row) {
+        for (int64_t j = 0; j < n; ++j) {
+            float value = out[row * n + j];
+            if (bias != nullptr) value += round_to(load(bias, j, bias_dtype), compute_dtype);
+            store(y, row * n + j, round_to(value, compute_dtype), y_dtype);
+        }
+    }
+}
+
 inline int nibble(const uint8_t* packed, int64_t i) {
     const uint8_t byte = packed[i >> 1];
     return (i & 1) ? (byte & 0xf) : (byte >> 4);
@@ -824,32 +838,28 @@ int qc_lowbit4_linear(const void* x, int x_dtype, int64_t m, const uint8_t* pack
         linear_generic(w, xf, m, out, compute_dtype, threads);
         std::free(xf);
     }
-    // The epilogue torch would run on the float32 sums (bias rounded to the compute dtype, added in float32,
-    // the sum rounded once to the compute dtype, then converted to y's dtype), here: no second pass over a
-    // float32 tensor, no allocations, ~8 us less per call from Python.
-    for (int64_t row = 0; row < m; ++row) {
-        for (int64_t j = 0; j < n; ++j) {
-            float value = out[row * n + j];
-            if (bias != nullptr) value += round_to(load(bias, j, bias_dtype), compute_dtype);
-            store(y, row * n + j, round_to(value, compute_dtype), y_dtype);
-        }
-    }
+    write_output(out, m, n, bias, bias_dtype, compute_dtype, y, y_dtype);
     std::free(out);
     return 0;
 }
 
-// out[M, N] (float32) = x[M, K] (float32) @ W^T for an affine weight (above). Returns 0 on success.
+// y[M, N] = x[M, K] (float32) @ W^T + bias for an affine weight (above), with write_output's epilogue.
+// Returns 0 on success.
 int qc_affine_linear(const float* x, int64_t m, const int32_t* qweight, const int32_t* qzeros, const uint16_t* zeros,
                      const uint16_t* scales, const int32_t* g_idx, int bits, int64_t groups, int64_t n, int64_t k,
-                     float* out, int threads) {
+                     int compute_dtype, const void* bias, int bias_dtype, void* y, int y_dtype, int threads) {
     if (m < 0 || n < 0 || k < 0 || groups <= 0) return 1;
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
     if ((qzeros == nullptr) == (zeros == nullptr)) return 3;
+    if (!is_dtype(compute_dtype) || !is_dtype(y_dtype) || (bias != nullptr && !is_dtype(bias_dtype))) return 5;
     if (m == 0 || n == 0) return 0;
     for (int64_t i = 0; i < k; ++i)
         if (g_idx[i] < 0 || g_idx[i] >= groups) return 4;
     const Affine a{qweight, qzeros, zeros, scales, g_idx, bits, groups, n, k};
+    float* out = static_cast<float*>(std::malloc(sizeof(float) * m * n + 4));
     if (!affine_fast(a, x, m, out, threads)) affine_generic(a, x, m, out, threads);
+    write_output(out, m, n, bias, bias_dtype, compute_dtype, y, y_dtype);
+    std::free(out);
     return 0;
 }
 

@@ -60,7 +60,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qc_lowbit4_linear.argtypes = [_p, _i32, _i64, _p, _p, _p, _p, _f32, _p, _i64, _i64, _i64, _i32, _p, _i32,
                                       _p, _i32, _i32]
     lib.qc_lowbit4_linear.restype = _i32
-    lib.qc_affine_linear.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _p, _i32]
+    lib.qc_affine_linear.argtypes = [_p, _i64, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _i32, _p, _i32, _p, _i32,
+                                     _i32]
     lib.qc_affine_linear.restype = _i32
     lib.qc_affine_decode.argtypes = [_p, _p, _p, _p, _p, _p, _i32, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i32, _i32]
     lib.qc_affine_decode.restype = _i32
@@ -94,6 +95,18 @@ def _linear_library(library: ctypes.CDLL | None, x: torch.Tensor, compute_dtype:
     if lib is None or compute_dtype not in _DTYPE_CODES or not x.is_cpu or x.dtype not in _DTYPE_CODES:
         return None
     return lib
+
+
+def _kernel_bias(bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias as the fused kernels read it: contiguous, in a dtype they load (else rounded to compute_dtype,
+    which the kernels round it to anyway)."""
+    if bias is None or (bias.dtype in _DTYPE_CODES and bias.is_contiguous()):
+        return bias
+    return bias.to(compute_dtype).contiguous()
+
+
+def _bias_args(bias: torch.Tensor | None) -> tuple[int | None, int]:
+    return _ptr(bias), 0 if bias is None else _DTYPE_CODES[bias.dtype]
 
 
 def _weight_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize):
@@ -156,13 +169,12 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     m = x_c.numel() // in_features if in_features else 0
     if m <= FUSED_MAX_ROWS:
         # The kernel adds the bias, rounds once to compute_dtype (as a matmul with bias does) and writes x's dtype.
-        if bias is not None and (bias.dtype not in _DTYPE_CODES or not bias.is_contiguous()):
-            bias = bias.to(compute_dtype).contiguous()
+        bias = _kernel_bias(bias, compute_dtype)
         y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
         status = lib.qc_lowbit4_linear(x_c.data_ptr(), _DTYPE_CODES[compute_dtype], m, *_weight_args(
             packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize), out_features, in_features,
-            _DTYPE_CODES[compute_dtype], _ptr(bias), 0 if bias is None else _DTYPE_CODES[bias.dtype], y.data_ptr(),
-            _DTYPE_CODES[x.dtype], torch.get_num_threads())
+            _DTYPE_CODES[compute_dtype], *_bias_args(bias), y.data_ptr(), _DTYPE_CODES[x.dtype],
+            torch.get_num_threads())
         return y if status == 0 else None
     x_c = x_c.reshape(-1, in_features).contiguous()
     rows = _band_rows(in_features)
@@ -220,15 +232,13 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     if input_scale is not None:
         x_c = x_c * input_scale.float()
     x_c = x_c.contiguous()
-    out = torch.empty((m, out_features), dtype=torch.float32)
+    bias = _kernel_bias(bias, compute_dtype)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     status = lib.qc_affine_linear(x_c.data_ptr(), m, qweight.data_ptr(), _ptr(qzeros), _ptr(zeros), scales.data_ptr(),
-                                  g_idx.data_ptr(), bits, scales.shape[0], out_features, in_features, out.data_ptr(),
+                                  g_idx.data_ptr(), bits, scales.shape[0], out_features, in_features,
+                                  _DTYPE_CODES[compute_dtype], *_bias_args(bias), y.data_ptr(), _DTYPE_CODES[x.dtype],
                                   torch.get_num_threads())
-    if status != 0:
-        return None
-    if bias is not None:
-        out += bias.to(compute_dtype).float()
-    return out.to(compute_dtype).to(x.dtype).view(*x.shape[:-1], out_features)
+    return y if status == 0 else None
 
 
 def _affine_banded(lib, x, qweight, qzeros, zeros, scales, g_idx, input_scale, bias, bits, out_features, in_features,

@@ -126,18 +126,25 @@ def _tolerance(x: torch.Tensor, packed, ref: torch.Tensor, compute_dtype: torch.
 
 
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_fused_epilogue_rounds_once_to_the_compute_dtype(library, bias_dtype):
-    """The fused kernel's epilogue is torch's: bias rounded to the compute dtype and added in float32, the sum
+@pytest.mark.parametrize("kernel", ["4bit", "affine"])
+def test_fused_epilogue_rounds_once_to_the_compute_dtype(library, kernel, bias_dtype):
+    """The fused kernels' epilogue is torch's: bias rounded to the compute dtype and added in float32, the sum
     rounded once to the compute dtype, then stored in x's dtype (exact comparisons, not bounds)."""
-    n, k = 40, 256
-    packed, args = _packed(n, k, compute_dtype=torch.bfloat16)
+    n, k = 48, 256
+    if kernel == "4bit":
+        packed, args = _packed(n, k, compute_dtype=torch.bfloat16)
+
+        def run(x, b, compute_dtype):
+            return cpu_lowbit.linear_4bit(x, *args, b, packed.nested_offset, 64, n, k, compute_dtype, library)
+    else:
+        scheme, args = _affine(AFFINE_SPECS[0], n, k, torch.bfloat16)
+
+        def run(x, b, compute_dtype):
+            return cpu_lowbit.linear_affine(x, *args, b, scheme.bits, n, k, compute_dtype, library)
+
     torch.manual_seed(2)
     x16 = torch.randn(3, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.float64).to(bias_dtype) * 4
-
-    def run(x, b, compute_dtype):
-        return cpu_lowbit.linear_4bit(x, *args, b, packed.nested_offset, 64, n, k, compute_dtype, library)
-
     y16, y32 = run(x16, bias, torch.bfloat16), run(x16.float(), bias, torch.bfloat16)
     assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32
     assert torch.equal(y32, y16.float())  # rounded to bfloat16 once, whatever x's dtype
