@@ -5,8 +5,9 @@
 No GPU is needed: the Triton kernels are imported under the interpreter (so CPU tensors pass the device
 checks) and then everything that distinguishes the interpreter from CUDA is switched back to the CUDA
 behaviour: autotune mode "fast" with the winner already cached (as after the first call), the
-interpreter flag off, and ``run_kernel`` (the one place every launch goes through) replaced by a stub. What
-remains is all the host work qcompile does per call before handing a kernel to Triton's launcher. NF4 +
+interpreter flag off, and ``run_kernel`` (the one place every launch goes through) replaced by a stub that
+keeps its device guard but launches nothing. What remains is all the host work qcompile does per call before
+handing a kernel to Triton's launcher (on CUDA the guard also switches the current device, not timed here). NF4 +
 double quant, bf16, 4096x4096, M = 1 (the GEMV and its split-K sum: two launches).
 
 Rows (microseconds per call, best of 5 rounds):
@@ -46,7 +47,10 @@ def cuda_like_host_path(launches: list[int]) -> Iterator[None]:
     saved = (autotune.run_kernel, autotune.interpreting, autotune.autotune_mode, _common.interpreting)
 
     def stub(kernel: Any, grid: Any, args: Any, **kwargs: Any) -> None:
-        launches[0] += 1
+        # run_kernel without Triton's launch: the device guard stays (a no-op context on CPU; on CUDA it also
+        # switches the current device twice, which this machine cannot time).
+        with autotune.device_guard(autotune.tensor_device(args)):
+            launches[0] += 1
 
     autotune.run_kernel = stub
     real_interpreting = saved[1]
