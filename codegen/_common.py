@@ -248,7 +248,7 @@ def launch_gemm(tuned: Any, tuned_split: Any, make_args: Callable[[torch.Tensor]
         constexprs = {"SPLIT_K": 1, **constexprs}
     used = kernel.launch(grid, make_args(y), m, config=config, **constexprs)
     if signature is not None:
-        kernel.plans[signature] = kernel.decided(used, grid, constexprs)
+        kernel.remember_plan(signature, kernel.decided(used, grid, constexprs))
     return y.to(x.dtype) if split else y
 
 

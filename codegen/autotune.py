@@ -22,7 +22,7 @@ How a tuned launch works (``TunedKernel.launch``):
    error) is dropped from memory and disk with a warning, and the launch retunes: a cache written by
    an older kernel version must never crash a run.
 5. Choosing costs more host time than launching (building the key, the lookups, the grid, the keyword
-   arguments: ~10 us per call on a 2-core CPU). An entry point that calls the same kernel with the same
+   arguments: 5-10 us per call on a 2-core CPU). An entry point that calls the same kernel with the same
    sizes over and over (every linear, every decoded token) keeps a launch plan per call signature in
    ``TunedKernel.plans`` (see ``lowbit._Plan``), made from the config its first call chose; the plans
    are dropped with any winner. The signature includes ``QCOMPILE_AUTOTUNE`` as set, so a changed
@@ -393,6 +393,9 @@ def _config_errors() -> tuple[type[Exception], ...]:
     return (TypeError, ValueError, TritonError)
 
 
+MAX_PLANS = 1024  # launch plans kept per tuned kernel (TunedKernel.remember_plan)
+
+
 class TunedKernel:
     """One plain ``@triton.jit`` kernel plus its config spaces, heuristic and cache glue.
 
@@ -532,6 +535,13 @@ class TunedKernel:
         """(mode, config) or (mode, (None, cache key)) meaning "tune now in ``mode``"."""
         mode, chosen, key = self._choose(args, m, config, constexprs)
         return (mode, (None, key)) if chosen is None else (mode, chosen)
+
+    def remember_plan(self, signature: Any, plan: Any) -> None:
+        """Keep ``plan`` under ``signature``. Prefill makes a signature per prompt length: past MAX_PLANS the plans
+        start over, so a server seeing every length keeps a bounded number (decode's few come back at once)."""
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        self.plans[signature] = plan
 
     def decided(self, config: Any, grid: Callable[[dict[str, Any]], tuple[int, ...]],
                 constexprs: dict[str, Any]) -> DecidedLaunch:

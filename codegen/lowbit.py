@@ -700,7 +700,7 @@ def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[
     used = tuned.launch(grid, args, m, config=forced, **consts)
     plan = _Plan(variant, tuned.decided(used, grid, consts), m, n, k, used.kwargs.get("SPLIT_K", 1), interpret)
     if signature is not None:
-        tuned.plans[signature] = plan
+        tuned.remember_plan(signature, plan)
     return plan.finish(out, bias, x2.dtype, out_shape)
 
 

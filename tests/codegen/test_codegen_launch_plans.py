@@ -163,3 +163,15 @@ def test_int8_gemms_plan_too(spied, monkeypatch, entry, m, with_bias):
     assert torch.equal(first, second)
     if entry == "int8_weight_only":
         torch.testing.assert_close(second, ref.int8_weight_only(x, weight, scale, bias), **ref.tolerance(torch.float32))
+
+
+def test_plans_are_bounded(monkeypatch):
+    """A signature per prompt length must not grow the plans without end."""
+    from qcompile.codegen import autotune
+
+    monkeypatch.setattr(autotune, "MAX_PLANS", 3)
+    tuned = autotune.TunedKernel("fake", kernel=None, arg_names=["N"], spaces={"fast": [], "max": []},
+                                 heuristic=None, interpreter_config=None, smem_bytes=lambda meta, stages, named: 0)
+    for m in range(7):
+        tuned.remember_plan(("signature", m), m)
+        assert 1 <= len(tuned.plans) <= 3 and tuned.plans[("signature", m)] == m
