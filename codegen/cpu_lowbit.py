@@ -98,11 +98,11 @@ def _linear_library(library: ctypes.CDLL | None, x: torch.Tensor, compute_dtype:
 
 
 def _kernel_bias(bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """The bias as the fused kernels read it: contiguous, in a dtype they load (else rounded to compute_dtype,
-    which the kernels round it to anyway)."""
-    if bias is None or (bias.dtype in _DTYPE_CODES and bias.is_contiguous()):
+    """The bias (a contiguous CPU tensor, ``_takes``) in a dtype the fused kernels load: as it is, else rounded to
+    compute_dtype, which the kernels round it to anyway."""
+    if bias is None or bias.dtype in _DTYPE_CODES:
         return bias
-    return bias.to(compute_dtype).contiguous()
+    return bias.to(compute_dtype)
 
 
 def _bias_args(bias: torch.Tensor | None) -> tuple[int | None, int]:
@@ -161,8 +161,9 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, cod
     lib = _linear_library(library, x, compute_dtype)
     if lib is None:
         return None
-    if not (_takes((packed, absmax, code, nested_absmax, nested_code)) and _weight_ok(packed, absmax, code,
-                                                                                     nested_absmax, nested_code)):
+    # The bias too: the fused kernel reads it by pointer (a CUDA bias would be a crash, not an error).
+    if not (_takes((packed, absmax, code, nested_absmax, nested_code, bias))
+            and _weight_ok(packed, absmax, code, nested_absmax, nested_code)):
         return None
     # x as it is when it already is what the kernel reads (decode: every call), else a converted copy.
     x_c = x if x.dtype == compute_dtype and x.is_contiguous() else x.reshape(-1, in_features).to(compute_dtype)
@@ -216,7 +217,7 @@ def linear_affine(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor |
     if lib is None:
         return None
     m = x.numel() // in_features if in_features else 0
-    if not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale)):
+    if not _takes((qweight, qzeros, zeros, scales, g_idx, input_scale, bias)):
         return None
     if qzeros is not None:
         zero_ok = qzeros.dtype == torch.int32

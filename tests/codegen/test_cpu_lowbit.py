@@ -154,6 +154,20 @@ def test_fused_epilogue_rounds_once_to_the_compute_dtype(library, kernel, bias_d
     assert not torch.equal(with_bias, no_bias)
 
 
+def test_a_bias_the_kernels_cannot_read_goes_to_the_reference(library):
+    """A bias on another device or not contiguous is not handed to the C++ kernels by pointer (None: the caller
+    runs the torch reference, which raises torch's own error for a device mismatch)."""
+    n, k = 48, 256
+    packed, args = _packed(n, k)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    strided = torch.randn(2 * n, dtype=torch.bfloat16)[::2]
+    meta = torch.empty(n, dtype=torch.bfloat16, device="meta")
+    for bias in (strided, meta):
+        assert cpu_lowbit.linear_4bit(x, *args, bias, packed.nested_offset, 64, n, k, torch.bfloat16, library) is None
+    scheme, affine_args = _affine(AFFINE_SPECS[0], n, k, torch.bfloat16)
+    assert cpu_lowbit.linear_affine(x, *affine_args, meta, scheme.bits, n, k, torch.bfloat16, library) is None
+
+
 def test_linear_bound_catches_a_wrong_weight(library):
     """The bound above is tight enough to see 16 wrong codes in a row of 256."""
     n, k = 64, 256
