@@ -50,10 +50,12 @@ def refuse_stale_weights(gm: fx.GraphModule, weights: Sequence[tuple[fx.Node | N
 
     ``weights``: (the node feeding the weight, the parameter that compiled it, its name) per quantized linear.
     A placeholder's weight is read from each call's inputs (dynamo passes parameters as inputs, so another
-    instance brings its own); otherwise it is the parameter itself.
+    instance brings its own, and the wrapper keeps no reference to the compiling instance's weights); otherwise
+    it is the parameter itself, which ``gm`` holds anyway.
     """
     positions = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    sources = [(positions.get(node), parameter, name) for node, parameter, name in weights]
+    sources = [(positions.get(node), None if node in positions else parameter, name)
+               for node, parameter, name in weights]
 
     def wrap(compiled: Callable[..., Any]) -> Callable[..., Any]:
         recorded: dict[int, int] = {}  # address of a weight's data -> its version when first run there

@@ -4,6 +4,9 @@ No CUDA here: ``records_cuda_graphs`` is forced on, which is all the backend ask
 graph (``qcompile/cuda_graphs.py`` says why a replay would otherwise run the old packed weights silently).
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -49,6 +52,18 @@ def test_another_instance_is_not_a_change(cuda_graphs_on):
         assert_matches_reference(ca(x), a, x)
         assert_matches_reference(cb(x), b, x)
     assert len(plans) == 1
+
+
+@torch.no_grad()
+def test_the_check_keeps_no_weight_alive(cuda_graphs_on):
+    """Weights that reach the graph as inputs are read from each call's inputs: deleting the model frees them."""
+    model = MLP().eval()
+    compiled, _ = compile_counting(model)
+    compiled(torch.randn(3, 64))
+    weight = weakref.ref(model.fc1.weight)
+    del model, compiled
+    gc.collect()
+    assert weight() is None
 
 
 def test_records_cuda_graphs_needs_inductor_the_mode_and_cuda_inputs():
