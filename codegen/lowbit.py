@@ -678,13 +678,9 @@ def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[
             consts["STAGES"] = 1  # a forced config from before the pipelined option
         if forced is not None and not 1 <= forced.kwargs.get("SPLIT_K", 1) <= GEMV_MAX_SPLIT_K:
             raise ValueError(f"{FN}: config SPLIT_K must be 1..{GEMV_MAX_SPLIT_K}, got {forced.kwargs['SPLIT_K']}")
-        # Room for the most splits any config asks for: the config is chosen (or tuned) inside launch.
-        out = torch.empty((GEMV_MAX_SPLIT_K, m, n), device=x.device, dtype=torch.float32)
 
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:
             return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        args = (x2, w, *metadata, out, m, n, k, x2.stride(0), f0)
     else:
         consts["DOT_PRECISION"] = common.dot_precision(compute_dtype, interpret)
         if variant == "gemm":
@@ -692,16 +688,33 @@ def _launch(x: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[
             grid = common.grouped_grid(m, n)
         else:
             grid = common.split_k_grid(m, n)
-        # The split-K GEMM's partial sums meet in a zeroed fp32 buffer; the GEMM stores x.dtype directly.
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype) if variant == "gemm" else \
-            torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        bias_arg = bias if bias is not None else metadata[0]  # an unused pointer still needs a tensor
-        args = (x2, w, *metadata, bias_arg, out, m, n, k, x2.stride(0), out.stride(0), f0)
-    used = tuned.launch(grid, args, m, config=forced, **consts)
+    # The GEMV's workspace has room for the most splits any config asks for: it is chosen (or tuned) in launch.
+    out = _main_output(variant, GEMV_MAX_SPLIT_K, m, n, x2)
+    used = tuned.launch(grid, _main_arguments(variant, x2, w, metadata, bias, out, m, n, k, f0), m, config=forced,
+                        **consts)
     plan = _Plan(variant, tuned.decided(used, grid, consts), m, n, k, used.kwargs.get("SPLIT_K", 1), interpret)
     if signature is not None:
         tuned.remember_plan(signature, plan)
     return plan.finish(out, bias, x2.dtype, out_shape)
+
+
+def _main_output(variant: str, splits: int, m: int, n: int, x2: torch.Tensor) -> torch.Tensor:
+    """What the variant's kernel writes: the GEMV's fp32 partial sums [splits, m, n], the split-K GEMM's zeroed
+    fp32 sums (added atomically), the GEMM's y in x.dtype."""
+    if variant == "gemv":
+        return torch.empty((splits, m, n), device=x2.device, dtype=torch.float32)
+    if variant == "gemm_split_k":
+        return torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    return torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+
+
+def _main_arguments(variant: str, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],
+                    bias: torch.Tensor | None, out: torch.Tensor, m: int, n: int, k: int, f0: float) -> tuple:
+    """The variant's kernel arguments (``_GEMV_ARGS`` or ``_ARGS``)."""
+    if variant == "gemv":
+        return (x2, w, *metadata, out, m, n, k, x2.stride(0), f0)
+    bias_arg = bias if bias is not None else metadata[0]  # an unused pointer still needs a tensor
+    return (x2, w, *metadata, bias_arg, out, m, n, k, x2.stride(0), out.stride(0), f0)
 
 
 class _Plan:
@@ -721,15 +734,8 @@ class _Plan:
 
     def __call__(self, x2: torch.Tensor, w: torch.Tensor, metadata: tuple[torch.Tensor, ...],
                  bias: torch.Tensor | None, f0: float, out_shape: tuple[int, ...]) -> torch.Tensor:
-        m, n, k = self.m, self.n, self.k
-        if self.variant == "gemv":
-            out = torch.empty((self.splits, m, n), device=x2.device, dtype=torch.float32)
-            self.main((x2, w, *metadata, out, m, n, k, x2.stride(0), f0))
-        else:
-            out = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if self.variant == "gemm" else \
-                torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-            bias_arg = bias if bias is not None else metadata[0]
-            self.main((x2, w, *metadata, bias_arg, out, m, n, k, x2.stride(0), out.stride(0), f0))
+        out = _main_output(self.variant, self.splits, self.m, self.n, x2)
+        self.main(_main_arguments(self.variant, x2, w, metadata, bias, out, self.m, self.n, self.k, f0))
         return self.finish(out, bias, x2.dtype, out_shape)
 
     def finish(self, out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
