@@ -805,7 +805,7 @@ int qc_lowbit4_decode(const uint8_t* packed, const void* absmax, const float* ne
                       int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t out_stride, int out_dtype,
                       int threads) {
     if (blocksize <= 0 || r0 < 0 || r1 > n || r0 > r1 || c0 < 0 || c1 > k || c0 > c1) return 1;
-    if (out_dtype != F32 && out_dtype != BF16 && out_dtype != F16) return 2;
+    if (!is_dtype(out_dtype)) return 2;
     const Weight w{packed, absmax, nested_absmax, nested_code, nested_offset, code, blocksize, n, k,
                    log2_exact(blocksize)};
     const int64_t element = out_dtype == F32 ? 4 : 2;
@@ -871,7 +871,7 @@ int qc_affine_decode(const int32_t* qweight, const int32_t* qzeros, const uint16
     if (groups <= 0 || n0 < 0 || n1 > n || n0 > n1) return 1;
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 2;
     if ((qzeros == nullptr) == (zeros == nullptr)) return 3;
-    if (out_dtype != F32 && out_dtype != BF16 && out_dtype != F16) return 5;
+    if (!is_dtype(out_dtype)) return 5;
     for (int64_t i = 0; i < k; ++i)
         if (g_idx[i] < 0 || g_idx[i] >= groups) return 4;
     const Affine a{qweight, qzeros, zeros, scales, g_idx, bits, groups, n, k};
